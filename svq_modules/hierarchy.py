@@ -1,0 +1,399 @@
+"""Cluster hierarchy: sufficient statistics and a batched merge tree over K codewords.
+
+The tree is built bottom-up with *reciprocal nearest neighbours* (RNN): in each
+round every active node knows its nearest neighbour under the linkage cost, and
+all mutually-nearest pairs merge at once. For Ward's linkage (reducible) this
+gives the same tree as the textbook greedy algorithm, up to ties, while the
+work per round is a handful of blocked matrix products on the input's device.
+
+Only per-code statistics (count, sum of assigned vectors) are needed: Ward's
+cost ``n_a n_b / (n_a + n_b) * ||mu_a - mu_b||^2`` is exactly the increase of
+the squared error when two clusters merge, and the count-weighted centroid of a
+node is the MSE-optimal reconstruction of the data below it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from .validation import check_codebook, check_finite, check_indices
+
+__all__ = ["Hierarchy", "build_hierarchy", "code_statistics", "LINKAGES"]
+
+LINKAGES = ("ward", "centroid")
+
+# weight given to codes no vector uses: they merge first, at (almost) no cost,
+# and barely move the centroid of the node they join.
+_EMPTY_WEIGHT = 1e-6
+# elements of one block of the distance matrix (rows x active nodes)
+_DEFAULT_BLOCK_ELEMENTS = 1 << 22
+# partners remembered per node by the Ward merge loop
+_CANDIDATES = 16
+
+
+def code_statistics(
+    x: Tensor, indices: Tensor, num_codes: int, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-code sufficient statistics in one scatter pass.
+
+    Args:
+        x: ``[N, D]`` float vectors.
+        indices: ``[N]`` int code index of each vector, in ``[0, num_codes)``.
+        num_codes: K.
+        weights: optional ``[N]`` float weight per vector.
+
+    Returns:
+        ``counts [K]`` (dtype of ``x``) and ``sums [K, D]``.
+    """
+    if not torch.is_tensor(x) or x.dim() != 2:
+        raise ValueError(f"x must be a [N, D] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating point tensor, got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError("x is empty: need at least one vector")
+    check_finite(x, "x")
+    indices = check_indices(indices, num_codes, expected_len=x.shape[0])
+    if weights is None:
+        w = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    else:
+        if weights.shape != (x.shape[0],):
+            raise ValueError(f"weights must have shape [{x.shape[0]}], got {tuple(weights.shape)}")
+        check_finite(weights, "weights")
+        if (weights < 0).any():
+            raise ValueError("weights must be >= 0")
+        w = weights.to(x.dtype)
+    counts = torch.zeros(num_codes, dtype=x.dtype, device=x.device).index_add_(0, indices, w)
+    sums = torch.zeros(num_codes, x.shape[1], dtype=x.dtype, device=x.device)
+    sums.index_add_(0, indices, x * w[:, None])
+    return counts, sums
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """A binary merge tree over K leaves (codewords), M = 2K-1 nodes.
+
+    Leaves are nodes ``0..K-1`` (node k is codeword k); internal nodes are
+    ``K..2K-2`` in merge order, so a parent's id is always larger than its
+    children's and node ``M-1`` is the root.
+
+    Attributes:
+        parent: ``[M]`` int64, parent node, -1 at the root.
+        children: ``[K-1, 2]`` int64, children of internal node ``K+i``.
+        size: ``[M]`` int64, number of leaves below each node.
+        count: ``[M]`` float, data count below each node.
+        center: ``[M, D]`` float; leaves hold the codewords, internal nodes the
+            count-weighted mean of the data below them.
+        merge_cost: ``[K-1]`` float, linkage cost at which each internal node
+            was formed.
+    """
+
+    parent: Tensor
+    children: Tensor
+    size: Tensor
+    count: Tensor
+    center: Tensor
+    merge_cost: Tensor
+
+    @property
+    def num_leaves(self) -> int:
+        return self.children.shape[0] + 1
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parent.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.center.shape[1]
+
+    @property
+    def root(self) -> int:
+        return self.num_nodes - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """All tensors by field name (e.g. to copy into module buffers)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor]) -> "Hierarchy":
+        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+
+    def to(self, *args, **kwargs) -> "Hierarchy":
+        """Move float tensors like ``Tensor.to``; index tensors keep int64."""
+        moved = {}
+        for name, t in self.as_dict().items():
+            if t.is_floating_point():
+                moved[name] = t.to(*args, **kwargs)
+            else:
+                device = torch.empty(0).to(*args, **kwargs).device if args or kwargs else t.device
+                moved[name] = t.to(device)
+        return Hierarchy(**moved)
+
+    def split_gain(self) -> Tensor:
+        """Squared error removed by splitting each internal node into its children.
+
+        ``n_l n_r / (n_l + n_r) * ||c_l - c_r||^2`` from counts and centers: the
+        Ward cost for a tree built from data statistics. Returns ``[K-1]`` float.
+        """
+        if self.num_leaves == 1:
+            return self.center.new_zeros(0)
+        left, right = self.children[:, 0], self.children[:, 1]
+        n_l, n_r = self.count[left], self.count[right]
+        total = n_l + n_r
+        factor = torch.where(total > 0, n_l * n_r / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+        return factor * (self.center[left] - self.center[right]).pow(2).sum(-1)
+
+
+def _candidate_rows(
+    rows: Tensor,
+    active: Tensor,
+    mu: Tensor,
+    weight: Tensor,
+    sqnorm: Tensor,
+    linkage: str,
+    k: int,
+    block_elements: int,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` cheapest active partners of each node in ``rows``.
+
+    Blocked so that at most ``block_elements`` costs are in memory at once.
+
+    Args:
+        rows: ``[R]`` int64 node ids (all active).
+        active: ``[m]`` int64 active node ids, sorted ascending.
+
+    Returns:
+        ``(cand [R, k] int64, cost [R, k] float)`` sorted by cost; missing
+        partners (fewer than k others) are padded with the sentinel id
+        ``mu.shape[0] - 1`` and cost ``inf``.
+    """
+    num_rows, num_active = rows.shape[0], active.shape[0]
+    sentinel = mu.shape[0] - 1
+    kk = min(k, max(1, num_active - 1))
+    cand = torch.full((num_rows, k), sentinel, dtype=torch.long, device=mu.device)
+    cost = torch.full((num_rows, k), math.inf, dtype=mu.dtype, device=mu.device)
+    if num_active < 2:
+        return cand, cost
+    mu_t = mu[active].T.contiguous()
+    w_inv = 1.0 / weight[active]
+    sq_a = sqnorm[active]
+    self_pos = torch.searchsorted(active, rows)
+    step = max(1, block_elements // num_active)
+    for start in range(0, num_rows, step):
+        r = rows[start : start + step]
+        dist = torch.addmm(sq_a, mu[r], mu_t, alpha=-2.0)
+        dist.add_(sqnorm[r, None]).clamp_(min=0.0)
+        if linkage == "ward":
+            dist.div_(w_inv + 1.0 / weight[r, None])
+        dist[torch.arange(r.shape[0], device=r.device), self_pos[start : start + step]] = math.inf
+        if kk == 1:
+            c, j = dist.min(dim=1, keepdim=True)
+        else:
+            c, j = torch.topk(dist, kk, dim=1, largest=False, sorted=True)
+        cand[start : start + step, :kk] = active[j]
+        cost[start : start + step, :kk] = c
+    cand[~torch.isfinite(cost)] = sentinel
+    return cand, cost
+
+
+def _pair_costs(rows: Tensor, cand: Tensor, mu: Tensor, weight: Tensor, linkage: str, block_rows: int) -> Tensor:
+    """Exact linkage cost between each row node and its candidates: ``[R, k]`` float."""
+    out = torch.empty(cand.shape, dtype=mu.dtype, device=mu.device)
+    for start in range(0, rows.shape[0], block_rows):
+        r = rows[start : start + block_rows]
+        c = cand[start : start + block_rows]
+        d = (mu[c] - mu[r][:, None, :]).pow(2).sum(-1)
+        if linkage == "ward":
+            w_r = weight[r][:, None]
+            d = d * (w_r * weight[c] / (w_r + weight[c]))
+        out[start : start + block_rows] = d
+    return out
+
+
+def build_hierarchy(
+    codebook: Tensor,
+    counts: Tensor | None = None,
+    sums: Tensor | None = None,
+    *,
+    linkage: str = "ward",
+    block_size: int | None = None,
+    progress: bool = False,
+) -> Hierarchy:
+    """Build the full binary merge tree over the K codewords.
+
+    Args:
+        codebook: ``[K, D]`` float codewords.
+        counts: ``[K]`` float >= 0, number (or weight) of data vectors per code.
+            Codes with zero count are accepted.
+        sums: ``[K, D]`` float, sum of the data vectors of each code. With
+            ``counts`` it makes internal centers the exact data means; without
+            it the codewords stand in for the data means.
+        linkage: ``"ward"`` (count-weighted, default; with no ``counts`` every
+            code weighs 1) or ``"centroid"`` (unweighted centroid linkage over
+            the codewords: cost ``||mu_a - mu_b||^2`` between the plain means of
+            the member codewords; usable with no data). Centroid linkage is not
+            reducible, so its batched tree may differ from a greedy one.
+        block_size: elements of a distance block (memory knob); default 4M.
+        progress: show a tqdm bar over merges.
+
+    Returns:
+        :class:`Hierarchy` on the codebook's device and dtype.
+    """
+    codebook = check_codebook(codebook)
+    if linkage not in LINKAGES:
+        raise ValueError(f"unknown linkage {linkage!r}; expected one of {LINKAGES}")
+    num_codes, dim = codebook.shape
+    device, dtype = codebook.device, codebook.dtype
+    if counts is None:
+        if sums is not None:
+            raise ValueError("sums given without counts")
+        counts = torch.ones(num_codes, dtype=dtype, device=device)
+    else:
+        counts = _check_stat(counts, (num_codes,), "counts", codebook)
+        if (counts < 0).any():
+            raise ValueError("counts must be >= 0")
+    if sums is None:
+        sums = codebook * counts[:, None]
+    else:
+        sums = _check_stat(sums, (num_codes, dim), "sums", codebook)
+
+    num_nodes = 2 * num_codes - 1
+    parent = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
+    children = torch.empty((num_codes - 1, 2), dtype=torch.long, device=device)
+    merge_cost = torch.empty(num_codes - 1, dtype=dtype, device=device)
+    size = torch.ones(num_nodes, dtype=torch.long, device=device)
+    count = torch.zeros(num_nodes, dtype=dtype, device=device)
+    data_sum = torch.zeros(num_nodes, dim, dtype=dtype, device=device)
+    count[:num_codes] = counts
+    data_sum[:num_codes] = sums
+
+    # Merge geometry: the weights and centroids the linkage sees, centered for
+    # precision. Node arrays get one extra slot: a sentinel (id num_nodes) that
+    # pads candidate lists and is never alive.
+    has_data = counts > 0
+    leaf_mu = torch.where(has_data[:, None], sums / counts.clamp_min(1e-30)[:, None], codebook)
+    offset = leaf_mu.mean(0, keepdim=True)
+    sentinel = num_nodes
+    mu = torch.zeros(num_nodes + 1, dim, dtype=dtype, device=device)
+    mu[:num_codes] = leaf_mu - offset
+    weight = torch.ones(num_nodes + 1, dtype=dtype, device=device)
+    if linkage == "ward":
+        weight[:num_codes] = torch.where(has_data, counts, counts.new_tensor(_EMPTY_WEIGHT))
+    sqnorm = mu.pow(2).sum(-1)
+    alive = torch.zeros(num_nodes + 1, dtype=torch.bool, device=device)
+    alive[:num_codes] = True
+
+    block = block_size or _DEFAULT_BLOCK_ELEMENTS
+    # Ward is reducible, so a node keeps a short list of its cheapest partners
+    # (merged partners are replaced by their new parent); a node whose nearest
+    # neighbour merged away re-checks that list and scans all nodes only when
+    # the list cannot prove its best entry is the true nearest neighbour.
+    k = _CANDIDATES if linkage == "ward" else 1
+    cand = torch.full((num_nodes + 1, k), sentinel, dtype=torch.long, device=device)
+    bound = torch.full((num_nodes + 1,), math.inf, dtype=dtype, device=device)
+    nn = torch.full((num_nodes + 1,), sentinel, dtype=torch.long, device=device)
+    nn_cost = torch.full((num_nodes + 1,), math.inf, dtype=dtype, device=device)
+    remap = torch.arange(num_nodes + 1, device=device)
+
+    def refresh(rows: Tensor, active: Tensor) -> None:
+        c, cost = _candidate_rows(rows, active, mu, weight, sqnorm, linkage, k, block)
+        cand[rows], nn[rows], nn_cost[rows] = c, c[:, 0], cost[:, 0]
+        # complete list (fewer partners than k) -> no bound needed
+        bound[rows] = torch.where(c[:, -1] == sentinel, math.inf, cost[:, -1])
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_codes - 1, desc="hierarchy", unit="merge")
+
+    next_id = num_codes
+    if num_codes > 1:
+        refresh(torch.arange(num_codes, device=device), torch.arange(num_codes, device=device))
+
+    while next_id < num_nodes:
+        active = alive.nonzero().squeeze(1)
+        partner = nn[active]
+        mutual = (nn[partner] == active) & (active < partner)
+        a = active[mutual]
+        if a.numel() == 0:  # float ties / rounding: merge the globally cheapest pair
+            a = active[nn_cost[active].argmin()].reshape(1)
+        b = nn[a]
+        num_pairs = a.numel()
+        new = torch.arange(next_id, next_id + num_pairs, device=device)
+        next_id += num_pairs
+
+        parent[a] = new
+        parent[b] = new
+        children[new - num_codes] = torch.stack([a, b], dim=1)
+        merge_cost[new - num_codes] = nn_cost[a]
+        size[new] = size[a] + size[b]
+        count[new] = count[a] + count[b]
+        data_sum[new] = data_sum[a] + data_sum[b]
+        w = weight[a] + weight[b]
+        weight[new] = w
+        mu[new] = (weight[a, None] * mu[a] + weight[b, None] * mu[b]) / w[:, None]
+        sqnorm[new] = mu[new].pow(2).sum(-1)
+        alive[a] = False
+        alive[b] = False
+        alive[new] = True
+        if bar is not None:
+            bar.update(num_pairs)
+        if next_id >= num_nodes:
+            break
+
+        active = alive.nonzero().squeeze(1)
+        if linkage != "ward":
+            refresh(active, active)
+            continue
+        remap[a] = new
+        remap[b] = new
+        old = active[active < new[0]]
+        cand[old] = remap[cand[old]]
+        # reducibility: a node whose neighbour survived keeps it
+        stale = old[~alive[nn[old]]]
+        if stale.numel():
+            c = cand[stale]
+            cost = _pair_costs(stale, c, mu, weight, linkage, max(1, block // (k * max(dim, 1))))
+            cost[~alive[c]] = math.inf
+            best, j = cost.min(dim=1)
+            proven = best <= bound[stale]
+            nn[stale[proven]] = c[proven, j[proven]]
+            nn_cost[stale[proven]] = best[proven]
+            unproven = stale[~proven]
+            if unproven.numel():
+                refresh(unproven, active)
+        refresh(new, active)
+
+    if bar is not None:
+        bar.close()
+
+    internal = count[num_codes:]
+    center = torch.empty(num_nodes, dim, dtype=dtype, device=device)
+    center[:num_codes] = codebook
+    if num_codes > 1:
+        # data mean where a node holds data, otherwise the (weighted) mean of its codewords
+        fallback = mu[num_codes:num_nodes] + offset
+        center[num_codes:] = torch.where(
+            (internal > 0)[:, None], data_sum[num_codes:] / internal.clamp_min(1e-30)[:, None], fallback
+        )
+    return Hierarchy(parent=parent, children=children, size=size, count=count, center=center, merge_cost=merge_cost)
+
+
+def _check_stat(t: Tensor, shape: tuple[int, ...], name: str, codebook: Tensor) -> Tensor:
+    if not torch.is_tensor(t):
+        raise ValueError(f"{name} must be a tensor")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_floating_point():
+        t = t.to(codebook.dtype)
+    check_finite(t, name)
+    return t.to(device=codebook.device, dtype=codebook.dtype)

@@ -1,0 +1,158 @@
+import itertools
+
+import pytest
+import torch
+
+from svq_modules.hierarchy import Hierarchy, build_hierarchy, code_statistics
+
+
+def greedy_ward(counts, sums):
+    """Textbook greedy Ward: merge the globally cheapest pair, one at a time."""
+    clusters = {i: (float(counts[i]), sums[i].clone(), frozenset([i])) for i in range(len(counts))}
+    merges = []
+    while len(clusters) > 1:
+        best = None
+        for a, b in itertools.combinations(sorted(clusters), 2):
+            na, sa, _ = clusters[a]
+            nb, sb, _ = clusters[b]
+            cost = na * nb / (na + nb) * float(((sa / na - sb / nb) ** 2).sum())
+            if best is None or cost < best[0]:
+                best = (cost, a, b)
+        cost, a, b = best
+        na, sa, ma = clusters.pop(a)
+        nb, sb, mb = clusters.pop(b)
+        new = max(clusters, default=max(a, b)) + 1000
+        clusters[new] = (na + nb, sa + sb, ma | mb)
+        merges.append((ma | mb, cost))
+    return merges
+
+
+def tree_merges(h: Hierarchy):
+    members = {i: frozenset([i]) for i in range(h.num_leaves)}
+    out = []
+    for i, (a, b) in enumerate(h.children.tolist()):
+        members[h.num_leaves + i] = members[a] | members[b]
+        out.append((members[h.num_leaves + i], float(h.merge_cost[i])))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ward_tree_equals_greedy_ward(seed):
+    g = torch.Generator().manual_seed(seed)
+    K, D = 24, 3
+    counts = torch.randint(1, 50, (K,), generator=g).double()
+    sums = torch.randn(K, D, generator=g, dtype=torch.float64) * counts[:, None]
+    codebook = sums / counts[:, None]
+    h = build_hierarchy(codebook, counts, sums)
+    ours = sorted(tree_merges(h), key=lambda m: m[1])
+    ref = sorted(greedy_ward(counts, sums), key=lambda m: m[1])
+    assert [m[0] for m in ours] == [m[0] for m in ref]
+    torch.testing.assert_close(torch.tensor([m[1] for m in ours]), torch.tensor([m[1] for m in ref]))
+
+
+def test_tree_structure_and_centers(gaussian_codes):
+    x, codebook, idx = gaussian_codes
+    counts, sums = code_statistics(x, idx, 40)
+    h = build_hierarchy(codebook, counts, sums)
+    K = 40
+    assert h.num_nodes == 2 * K - 1 and h.root == 2 * K - 2
+    assert int(h.parent[h.root]) == -1 and (h.parent[:-1] > torch.arange(2 * K - 2)).all()
+    assert int(h.size[h.root]) == K and float(h.count[h.root]) == 2000
+    # every internal center is the mean of the data vectors below it
+    members = {i: [i] for i in range(K)}
+    for i, (a, b) in enumerate(h.children.tolist()):
+        members[K + i] = members[a] + members[b]
+        mask = torch.isin(idx, torch.tensor(members[K + i]))
+        torch.testing.assert_close(h.center[K + i], x[mask].mean(0))
+    torch.testing.assert_close(h.center[:K], codebook)
+    # Ward merge heights never decrease up the tree (no inversions)
+    internal_parent = h.parent[K:-1] - K
+    assert (h.merge_cost[internal_parent] >= h.merge_cost[: K - 2] - 1e-9).all()
+
+
+def test_empty_codes_duplicates_and_small_k():
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(10, 4, generator=g)
+    codebook[7] = codebook[2]  # duplicate codeword
+    counts = torch.tensor([5.0, 0, 3, 0, 0, 9, 1, 3, 0, 2])  # empty clusters
+    sums = codebook * counts[:, None]
+    h = build_hierarchy(codebook, counts, sums)
+    assert int(h.size[h.root]) == 10
+    assert torch.isfinite(h.center).all() and torch.isfinite(h.merge_cost).all()
+    # empty codes are absorbed first, at (almost) zero cost
+    first = h.children[0].tolist()
+    assert any(counts[c] == 0 for c in first if c < 10)
+    one = build_hierarchy(codebook[:1])
+    assert one.num_nodes == 1 and one.children.shape == (0, 2)
+    two = build_hierarchy(codebook[:2].double())
+    assert two.center.dtype == torch.float64 and two.children.tolist() == [[0, 1]]
+
+
+def test_centroid_linkage_without_data():
+    g = torch.Generator().manual_seed(4)
+    codebook = torch.randn(33, 2, generator=g)
+    h = build_hierarchy(codebook, linkage="centroid")
+    K = 33
+    members = {i: [i] for i in range(K)}
+    for i, (a, b) in enumerate(h.children.tolist()):
+        members[K + i] = members[a] + members[b]
+        torch.testing.assert_close(h.center[K + i], codebook[members[K + i]].mean(0))
+
+
+def test_large_k_is_blocked_and_valid():
+    g = torch.Generator().manual_seed(5)
+    K = 3000
+    codebook = torch.randn(K, 8, generator=g)
+    counts = torch.rand(K, generator=g) * 10
+    h = build_hierarchy(codebook, counts, codebook * counts[:, None], block_size=1 << 14)
+    ref = build_hierarchy(codebook, counts, codebook * counts[:, None])
+    assert torch.equal(h.parent, ref.parent)
+    # each node but the root has exactly one parent, which lists it as a child
+    kids = torch.zeros(2 * K - 1, dtype=torch.long).index_add_(0, h.children.flatten(), torch.ones(2 * K - 2, dtype=torch.long))
+    assert (kids[:-1] == 1).all() and kids[-1] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(codebook=torch.tensor([[0.0, float("nan")]])), "NaN"),
+        (dict(codebook=torch.tensor([[0.0, float("inf")]])), "Inf"),
+        (dict(codebook=torch.zeros(0, 3)), "empty"),
+        (dict(codebook=torch.zeros(4, 3, dtype=torch.long)), "floating"),
+        (dict(codebook=torch.zeros(4, 3), counts=torch.ones(5)), "counts must have shape"),
+        (dict(codebook=torch.zeros(4, 3), counts=-torch.ones(4)), ">= 0"),
+        (dict(codebook=torch.zeros(4, 3), counts=torch.ones(4), sums=torch.ones(4, 2)), "sums must have shape"),
+        (dict(codebook=torch.zeros(4, 3), linkage="single"), "unknown linkage"),
+    ],
+)
+def test_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_hierarchy(**kwargs)
+
+
+def test_code_statistics_and_errors():
+    x = torch.arange(12.0).reshape(4, 3)
+    counts, sums = code_statistics(x, torch.tensor([0, 2, 2, 0]), 3)
+    assert counts.tolist() == [2.0, 0.0, 2.0]
+    torch.testing.assert_close(sums[0], x[0] + x[3])
+    with pytest.raises(ValueError, match="out of range"):
+        code_statistics(x, torch.tensor([0, 3, 1, 1]), 3)
+    with pytest.raises(ValueError, match="integer"):
+        code_statistics(x, torch.tensor([0.0, 1, 1, 1]), 3)
+    with pytest.raises(ValueError, match="4 vectors"):
+        code_statistics(x, torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match="empty"):
+        code_statistics(x[:0], torch.tensor([], dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="NaN"):
+        code_statistics(torch.full((2, 3), float("nan")), torch.tensor([0, 1]), 3)
+
+
+@pytest.mark.cuda
+def test_cuda_tree_matches_cpu():
+    g = torch.Generator().manual_seed(6)
+    codebook = torch.randn(500, 16, generator=g, dtype=torch.float64)
+    counts = torch.rand(500, generator=g, dtype=torch.float64) * 10 + 1
+    cpu = build_hierarchy(codebook, counts, codebook * counts[:, None])
+    gpu = build_hierarchy(codebook.cuda(), counts.cuda(), (codebook * counts[:, None]).cuda())
+    assert gpu.parent.is_cuda
+    assert torch.equal(cpu.parent, gpu.parent.cpu())
