@@ -32,7 +32,7 @@ _EMPTY_WEIGHT = 1e-6
 # elements of one block of the distance matrix (rows x active nodes)
 _DEFAULT_BLOCK_ELEMENTS = 1 << 22
 # partners remembered per node by the Ward merge loop
-_CANDIDATES = 16
+_CANDIDATES = 64
 
 
 def code_statistics(
@@ -204,17 +204,15 @@ def _candidate_rows(
     return cand, cost
 
 
-def _pair_costs(rows: Tensor, cand: Tensor, mu: Tensor, weight: Tensor, linkage: str, block_rows: int) -> Tensor:
-    """Exact linkage cost between each row node and its candidates: ``[R, k]`` float."""
-    out = torch.empty(cand.shape, dtype=mu.dtype, device=mu.device)
-    for start in range(0, rows.shape[0], block_rows):
-        r = rows[start : start + block_rows]
-        c = cand[start : start + block_rows]
-        d = (mu[c] - mu[r][:, None, :]).pow(2).sum(-1)
+def _pair_costs(rows: Tensor, cols: Tensor, mu: Tensor, weight: Tensor, linkage: str, block: int) -> Tensor:
+    """Exact linkage cost of node pairs ``(rows[i], cols[i])``: ``[P]`` float."""
+    out = torch.empty(rows.shape, dtype=mu.dtype, device=mu.device)
+    for start in range(0, rows.shape[0], block):
+        r, c = rows[start : start + block], cols[start : start + block]
+        d = (mu[c] - mu[r]).pow(2).sum(-1)
         if linkage == "ward":
-            w_r = weight[r][:, None]
-            d = d * (w_r * weight[c] / (w_r + weight[c]))
-        out[start : start + block_rows] = d
+            d = d * (weight[r] * weight[c] / (weight[r] + weight[c]))
+        out[start : start + block] = d
     return out
 
 
@@ -298,14 +296,25 @@ def build_hierarchy(
     # the list cannot prove its best entry is the true nearest neighbour.
     k = _CANDIDATES if linkage == "ward" else 1
     cand = torch.full((num_nodes + 1, k), sentinel, dtype=torch.long, device=device)
+    cand_cost = torch.full((num_nodes + 1, k), math.inf, dtype=dtype, device=device)  # NaN = unknown
     bound = torch.full((num_nodes + 1,), math.inf, dtype=dtype, device=device)
     nn = torch.full((num_nodes + 1,), sentinel, dtype=torch.long, device=device)
     nn_cost = torch.full((num_nodes + 1,), math.inf, dtype=dtype, device=device)
     remap = torch.arange(num_nodes + 1, device=device)
 
+    pair_block = max(1 << 14, block // max(dim, 1))
+
+    def fill_costs(rows: Tensor, c: Tensor, cost: Tensor) -> Tensor:
+        """Fill the NaN (unknown) entries of ``cost [R, k]`` for candidates ``c``; dead ones cost inf."""
+        todo = torch.isnan(cost)
+        r = rows[:, None].expand_as(c)[todo]
+        cost[todo] = _pair_costs(r, c[todo], mu, weight, linkage, pair_block)
+        cost[~alive[c]] = math.inf
+        return cost
+
     def refresh(rows: Tensor, active: Tensor) -> None:
         c, cost = _candidate_rows(rows, active, mu, weight, sqnorm, linkage, k, block)
-        cand[rows], nn[rows], nn_cost[rows] = c, c[:, 0], cost[:, 0]
+        cand[rows], cand_cost[rows], nn[rows], nn_cost[rows] = c, cost, c[:, 0], cost[:, 0]
         # complete list (fewer partners than k) -> no bound needed
         bound[rows] = torch.where(c[:, -1] == sentinel, math.inf, cost[:, -1])
 
@@ -357,13 +366,16 @@ def build_hierarchy(
         remap[a] = new
         remap[b] = new
         old = active[active < new[0]]
-        cand[old] = remap[cand[old]]
+        before = cand[old]
+        after = remap[before]
+        cand[old] = after
+        cand_cost[old] = torch.where(after != before, math.nan, cand_cost[old])
         # reducibility: a node whose neighbour survived keeps it
         stale = old[~alive[nn[old]]]
         if stale.numel():
             c = cand[stale]
-            cost = _pair_costs(stale, c, mu, weight, linkage, max(1, block // (k * max(dim, 1))))
-            cost[~alive[c]] = math.inf
+            cost = fill_costs(stale, c, cand_cost[stale])
+            cand_cost[stale] = cost
             best, j = cost.min(dim=1)
             proven = best <= bound[stale]
             nn[stale[proven]] = c[proven, j[proven]]
@@ -371,7 +383,24 @@ def build_hierarchy(
             unproven = stale[~proven]
             if unproven.numel():
                 refresh(unproven, active)
-        refresh(new, active)
+        # A new node inherits its children's candidates. Any node outside both
+        # lists costs at least min(bound[a], bound[b]) to either child, hence
+        # (reducibility) at least that much to the merged node.
+        inherited = remap[torch.cat([cand[a], cand[b]], dim=1)]
+        inherited[inherited == new[:, None]] = sentinel
+        inherited = inherited.sort(dim=1).values
+        inherited[:, 1:][inherited[:, 1:] == inherited[:, :-1]] = sentinel
+        cost = fill_costs(new, inherited, torch.full(inherited.shape, math.nan, dtype=dtype, device=device))
+        cost, j = torch.topk(cost, k, dim=1, largest=False, sorted=True)
+        cand[new] = torch.where(torch.isfinite(cost), inherited.gather(1, j), sentinel)
+        cand_cost[new] = cost
+        lower = torch.minimum(bound[a], bound[b])
+        # entries dropped by the top-k cost at least the k-th kept one
+        bound[new] = torch.where(torch.isfinite(cost[:, -1]), torch.minimum(lower, cost[:, -1]), lower)
+        nn[new], nn_cost[new] = cand[new, 0], cost[:, 0]
+        unproven = new[~(cost[:, 0] <= bound[new])]
+        if unproven.numel():
+            refresh(unproven, active)
 
     if bar is not None:
         bar.close()

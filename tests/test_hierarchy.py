@@ -99,12 +99,29 @@ def test_centroid_linkage_without_data():
         torch.testing.assert_close(h.center[K + i], codebook[members[K + i]].mean(0))
 
 
+def test_unit_weight_ward_matches_scipy():
+    hierarchy_mod = pytest.importorskip("scipy.cluster.hierarchy")
+    g = torch.Generator().manual_seed(7)
+    K = 1200
+    codebook = torch.randn(K, 6, generator=g, dtype=torch.float64)
+    h = build_hierarchy(codebook)  # no statistics: every code weighs 1
+    Z = hierarchy_mod.linkage(codebook.numpy(), method="ward")
+    members = {i: frozenset([i]) for i in range(K)}
+    ref = []
+    for i, (a, b, height, _) in enumerate(Z):
+        members[K + i] = members[int(a)] | members[int(b)]
+        ref.append(members[K + i])
+    assert set(m for m, _ in tree_merges(h)) == set(ref)
+    # scipy's Ward height is sqrt(2 * merge cost)
+    torch.testing.assert_close(torch.sort((2 * h.merge_cost).sqrt()).values, torch.sort(torch.from_numpy(Z[:, 2])).values)
+
+
 def test_large_k_is_blocked_and_valid():
     g = torch.Generator().manual_seed(5)
-    K = 3000
+    K = 1500
     codebook = torch.randn(K, 8, generator=g)
     counts = torch.rand(K, generator=g) * 10
-    h = build_hierarchy(codebook, counts, codebook * counts[:, None], block_size=1 << 14)
+    h = build_hierarchy(codebook, counts, codebook * counts[:, None], block_size=1 << 16)
     ref = build_hierarchy(codebook, counts, codebook * counts[:, None])
     assert torch.equal(h.parent, ref.parent)
     # each node but the root has exactly one parent, which lists it as a child
