@@ -182,24 +182,27 @@ def _candidate_rows(
     cost = torch.full((num_rows, k), math.inf, dtype=mu.dtype, device=mu.device)
     if num_active < 2:
         return cand, cost
-    mu_t = mu[active].T.contiguous()
+    # squared distances in one product: [mu_r, |mu_r|^2, 1] . [-2 mu_a, 1, |mu_a|^2]
+    cols = torch.cat([-2.0 * mu[active], torch.ones_like(sqnorm[active])[:, None], sqnorm[active, None]], 1)
+    cols = cols.T.contiguous()
     w_inv = 1.0 / weight[active]
-    sq_a = sqnorm[active]
     self_pos = torch.searchsorted(active, rows)
     step = max(1, block_elements // num_active)
+    buf = None
     for start in range(0, num_rows, step):
         r = rows[start : start + step]
-        dist = torch.addmm(sq_a, mu[r], mu_t, alpha=-2.0)
-        dist.add_(sqnorm[r, None]).clamp_(min=0.0)
+        dist = torch.cat([mu[r], sqnorm[r, None], torch.ones_like(sqnorm[r])[:, None]], 1) @ cols
         if linkage == "ward":
-            dist.div_(w_inv + 1.0 / weight[r, None])
+            if buf is None or buf.shape[0] != r.shape[0]:
+                buf = torch.empty_like(dist)
+            dist.div_(torch.add(w_inv[None, :], (1.0 / weight[r])[:, None], out=buf))
         dist[torch.arange(r.shape[0], device=r.device), self_pos[start : start + step]] = math.inf
         if kk == 1:
             c, j = dist.min(dim=1, keepdim=True)
         else:
             c, j = torch.topk(dist, kk, dim=1, largest=False, sorted=True)
         cand[start : start + step, :kk] = active[j]
-        cost[start : start + step, :kk] = c
+        cost[start : start + step, :kk] = c.clamp_(min=0.0)
     cand[~torch.isfinite(cost)] = sentinel
     return cand, cost
 
