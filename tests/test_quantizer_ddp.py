@@ -1,0 +1,91 @@
+"""ScalableVQ under torch.distributed: 2 CPU processes (gloo), different data on each rank."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from svq_modules.quantizer import ScalableVQ
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _no_buffer_sync() -> dict:
+    """DDP kwargs that stop DDP from broadcasting buffers before every forward."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _rank_data(rank: int, n: int, d: int) -> torch.Tensor:
+    """Rank 0 sees a blob around +4, rank 1 a blob around -4 (plus sub-clusters)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    sub = torch.randn(6, d, generator=g)
+    x = sub[torch.randint(6, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    return x + (4.0 if rank == 0 else -4.0)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(rank)  # different random streams: only the module's own syncing can agree
+        d = 4
+        x = _rank_data(rank, 2048, d)
+
+        # 1) the bare module: its own all-reduce / broadcast keeps the ranks identical
+        vq = ScalableVQ(d, 32, bits=[2, 2], decay=0.8)
+        for b in x.split(256):
+            vq(b)
+        vq.eval().update()
+        torch.save({k: v.clone() for k, v in vq.state_dict().items()}, os.path.join(out_dir, f"bare{rank}.pt"))
+
+        # 2) inside DDP (buffers not broadcast by DDP, so the module must sync itself)
+        model = torch.nn.Sequential(torch.nn.Linear(d, d), ScalableVQ(d, 32, bits=[2, 2], decay=0.8))
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **_no_buffer_sync())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        for b in x.split(256):
+            out = ddp(b)
+            loss = (out.quantized - b).pow(2).mean() + out.loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        model[1].update()
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"ddp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_end_identical(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for kind in ("bare", "ddp"):
+        s0 = torch.load(tmp_path / f"{kind}0.pt")
+        s1 = torch.load(tmp_path / f"{kind}1.pt")
+        assert s0.keys() == s1.keys()
+        differing = [k for k in s0 if not torch.equal(s0[k], s1[k])]
+        assert not differing, f"{kind}: buffers differ across ranks: {differing}"
+        prefix = "1." if kind == "ddp" else ""
+        assert int(s0[prefix + "built_version"]) >= 0
+        assert any(k.startswith(prefix + "tree_") for k in s0) and any(k.startswith(prefix + "layers_") for k in s0)
+    # the shared codebook learned from both ranks' data (all-reduced statistics, not one rank's)
+    cb = torch.load(tmp_path / "bare0.pt")["codebook"]
+    for rank in range(WORLD):
+        x = _rank_data(rank, 2048, 4)
+        err = torch.cdist(x, cb).amin(1).pow(2).mean()
+        assert err < 0.5, (rank, err)
