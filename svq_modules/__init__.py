@@ -1,5 +1,6 @@
 """ScalableVQ: scalable (layered, progressive) vector quantization for PyTorch."""
 
+from .bitstream import BitstreamError
 from .hierarchy import Hierarchy, build_hierarchy, code_statistics
 from .layers import (
     LayerRates,
@@ -11,10 +12,14 @@ from .layers import (
     reconstruct,
     resolve_bits,
 )
+from .quantizer import ScalableVQ, VQOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitstreamError",
+    "ScalableVQ",
+    "VQOutput",
     "Hierarchy",
     "LayerRates",
     "LayerTables",

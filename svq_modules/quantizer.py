@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed as svq_dist
+from .bitstream import compress_layers, decompress_layers
 from .hierarchy import LINKAGES, Hierarchy, build_hierarchy, code_statistics
 from .layers import CUTS, PROPOSALS, LayerRates, LayerTables, build_layers, decode_codes, encode_indices, layer_rates
 from .layers import reconstruct as _reconstruct_layers
@@ -894,6 +895,58 @@ class ScalableVQ(nn.Module):
         self._warn_if_stale()
         flat = None if indices is None else indices.reshape(-1)
         return layer_rates(self.hierarchy, self.tables, flat)
+
+    # ----------------------------------------------------------- bitstream
+    @torch.no_grad()
+    def compress(
+        self,
+        x: Tensor,
+        *,
+        coding: str = "entropy",
+        num_layers: int | None = None,
+        embed_centers: str | None = None,
+    ) -> list[bytes]:
+        """Per-layer byte chunks of ``x`` (see ``docs/bitstream.md``).
+
+        Args:
+            x: ``[..., D]`` float (``[B, D, ...]`` with ``channel_first``).
+            coding: ``"entropy"`` (default; constriction, symbols conditioned on
+                the parent node from the stored counts) or ``"raw"`` (bit packing).
+            num_layers: write only the first layers (default all L).
+            embed_centers: ``None``, ``"float16"`` or ``"float32"``: also put the
+                layer's node centers and groups into each chunk so a receiver
+                without the model can decode.
+
+        Returns:
+            ``list[bytes]``, chunk l holds layer l; the batch shape travels in chunk 0.
+        """
+        self._require_built()
+        self._warn_if_stale()
+        indices = self.quantize(x)
+        return compress_layers(
+            self.hierarchy, self.tables, indices, coding=coding, num_layers=num_layers, embed_centers=embed_centers
+        )
+
+    @torch.no_grad()
+    def decompress(self, chunks: Sequence[bytes], num_layers: int | None = None) -> Tensor:
+        """Reconstruction from a prefix of the chunks of :meth:`compress`.
+
+        Args:
+            chunks: layers ``0..l-1`` in order (any prefix of the stream).
+            num_layers: use only the first ``num_layers`` of them (default all given).
+
+        Returns:
+            ``[*batch, D]`` (``[B, D, ...]`` with ``channel_first``).
+
+        Raises:
+            BitstreamError: (a ``ValueError``) corrupt, reordered, incomplete or
+            foreign chunks.
+        """
+        self._require_built()
+        self._warn_if_stale()
+        out = decompress_layers(self.hierarchy, self.tables, chunks, num_layers=num_layers)
+        flat = self.tree_center[out.nodes[-1].to(self.tree_center.device)]
+        return self._unflatten(flat, torch.Size(out.batch_shape))
 
     # ----------------------------------------------------------- checkpoints
     def _load_from_state_dict(
