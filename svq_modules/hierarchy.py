@@ -161,8 +161,11 @@ def _candidate_rows(
     linkage: str,
     k: int,
     block_elements: int,
+    label: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` cheapest active partners of each node in ``rows``.
+
+    With ``label [M+1]``, only nodes of the same label are partners.
 
     Blocked so that at most ``block_elements`` costs are in memory at once.
 
@@ -197,6 +200,8 @@ def _candidate_rows(
                 buf = torch.empty_like(dist)
             dist.div_(torch.add(w_inv[None, :], (1.0 / weight[r])[:, None], out=buf))
         dist[torch.arange(r.shape[0], device=r.device), self_pos[start : start + step]] = math.inf
+        if label is not None:
+            dist.masked_fill_(label[r][:, None] != label[active][None, :], math.inf)
         if kk == 1:
             c, j = dist.min(dim=1, keepdim=True)
         else:
@@ -207,14 +212,18 @@ def _candidate_rows(
     return cand, cost
 
 
-def _pair_costs(rows: Tensor, cols: Tensor, mu: Tensor, weight: Tensor, linkage: str, block: int) -> Tensor:
-    """Exact linkage cost of node pairs ``(rows[i], cols[i])``: ``[P]`` float."""
+def _pair_costs(
+    rows: Tensor, cols: Tensor, mu: Tensor, weight: Tensor, linkage: str, block: int, label: Tensor | None = None
+) -> Tensor:
+    """Exact linkage cost of node pairs ``(rows[i], cols[i])``: ``[P]`` float (inf across labels)."""
     out = torch.empty(rows.shape, dtype=mu.dtype, device=mu.device)
     for start in range(0, rows.shape[0], block):
         r, c = rows[start : start + block], cols[start : start + block]
         d = (mu[c] - mu[r]).pow(2).sum(-1)
         if linkage == "ward":
             d = d * (weight[r] * weight[c] / (weight[r] + weight[c]))
+        if label is not None:
+            d = d.masked_fill(label[r] != label[c], math.inf)
         out[start : start + block] = d
     return out
 
@@ -227,6 +236,7 @@ def build_hierarchy(
     linkage: str = "ward",
     block_size: int | None = None,
     progress: bool = False,
+    constraints: Tensor | None = None,
 ) -> Hierarchy:
     """Build the full binary merge tree over the K codewords.
 
@@ -244,10 +254,29 @@ def build_hierarchy(
             reducible, so its batched tree may differ from a greedy one.
         block_size: elements of a distance block (memory knob); default 4M.
         progress: show a tqdm bar over merges.
+        constraints: optional ``[C, K]`` int64 nested leaf labels, coarse to
+            fine (row c refines row c-1). Merges first stay inside the finest
+            labels, then inside each coarser one, then go free, so every
+            labelled cell is a subtree (see :mod:`svq_modules.refine`).
 
     Returns:
         :class:`Hierarchy` on the codebook's device and dtype.
     """
+    return _build(codebook, counts, sums, linkage, block_size, progress, constraints)[0]
+
+
+def _build(
+    codebook: Tensor,
+    counts: Tensor | None,
+    sums: Tensor | None,
+    linkage: str,
+    block_size: int | None,
+    progress: bool,
+    constraints: Tensor | None,
+) -> tuple[Hierarchy, Tensor]:
+    """:func:`build_hierarchy`, also returning ``node_level [M]`` int64: for a node
+    formed while merging inside labels of constraint row c, ``c + 1``; for a node
+    formed after all constraints, 0; -1 for leaves."""
     codebook = check_codebook(codebook)
     if linkage not in LINKAGES:
         raise ValueError(f"unknown linkage {linkage!r}; expected one of {LINKAGES}")
@@ -265,6 +294,11 @@ def build_hierarchy(
         sums = codebook * counts[:, None]
     else:
         sums = _check_stat(sums, (num_codes, dim), "sums", codebook)
+    if constraints is None:
+        constraints = torch.zeros(0, num_codes, dtype=torch.long, device=device)
+    if constraints.dim() != 2 or constraints.shape[1] != num_codes or constraints.is_floating_point():
+        raise ValueError(f"constraints must be a [C, {num_codes}] integer tensor, got {list(constraints.shape)}")
+    constraints = constraints.to(device=device, dtype=torch.long)
 
     num_nodes = 2 * num_codes - 1
     parent = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
@@ -304,6 +338,9 @@ def build_hierarchy(
     nn = torch.full((num_nodes + 1,), sentinel, dtype=torch.long, device=device)
     nn_cost = torch.full((num_nodes + 1,), math.inf, dtype=dtype, device=device)
     remap = torch.arange(num_nodes + 1, device=device)
+    node_level = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
+    some_leaf = torch.arange(num_nodes + 1, device=device)  # a leaf below each node
+    label: Tensor | None = None
 
     pair_block = max(1 << 14, block // max(dim, 1))
 
@@ -311,12 +348,12 @@ def build_hierarchy(
         """Fill the NaN (unknown) entries of ``cost [R, k]`` for candidates ``c``; dead ones cost inf."""
         todo = torch.isnan(cost)
         r = rows[:, None].expand_as(c)[todo]
-        cost[todo] = _pair_costs(r, c[todo], mu, weight, linkage, pair_block)
+        cost[todo] = _pair_costs(r, c[todo], mu, weight, linkage, pair_block, label)
         cost[~alive[c]] = math.inf
         return cost
 
     def refresh(rows: Tensor, active: Tensor) -> None:
-        c, cost = _candidate_rows(rows, active, mu, weight, sqnorm, linkage, k, block)
+        c, cost = _candidate_rows(rows, active, mu, weight, sqnorm, linkage, k, block, label)
         cand[rows], cand_cost[rows], nn[rows], nn_cost[rows] = c, cost, c[:, 0], cost[:, 0]
         # complete list (fewer partners than k) -> no bound needed
         bound[rows] = torch.where(c[:, -1] == sentinel, math.inf, cost[:, -1])
@@ -328,82 +365,99 @@ def build_hierarchy(
         bar = tqdm(total=num_codes - 1, desc="hierarchy", unit="merge")
 
     next_id = num_codes
-    if num_codes > 1:
-        refresh(torch.arange(num_codes, device=device), torch.arange(num_codes, device=device))
-
-    while next_id < num_nodes:
-        active = alive.nonzero().squeeze(1)
-        partner = nn[active]
-        mutual = (nn[partner] == active) & (active < partner)
-        a = active[mutual]
-        if a.numel() == 0:  # float ties / rounding: merge the globally cheapest pair
-            a = active[nn_cost[active].argmin()].reshape(1)
-        b = nn[a]
-        num_pairs = a.numel()
-        new = torch.arange(next_id, next_id + num_pairs, device=device)
-        next_id += num_pairs
-
-        parent[a] = new
-        parent[b] = new
-        children[new - num_codes] = torch.stack([a, b], dim=1)
-        merge_cost[new - num_codes] = nn_cost[a]
-        size[new] = size[a] + size[b]
-        count[new] = count[a] + count[b]
-        data_sum[new] = data_sum[a] + data_sum[b]
-        w = weight[a] + weight[b]
-        weight[new] = w
-        mu[new] = (weight[a, None] * mu[a] + weight[b, None] * mu[b]) / w[:, None]
-        sqnorm[new] = mu[new].pow(2).sum(-1)
-        alive[a] = False
-        alive[b] = False
-        alive[new] = True
-        if bar is not None:
-            bar.update(num_pairs)
+    # phases: inside the finest labels first, then each coarser row, then free
+    phases = [(c + 1, constraints[c]) for c in reversed(range(constraints.shape[0]))] + [(0, None)]
+    for level, leaf_label in phases:
         if next_id >= num_nodes:
             break
-
+        if leaf_label is None:
+            label = None
+        else:
+            label = torch.full((num_nodes + 1,), -1, dtype=torch.long, device=device)
+            label[:num_nodes] = leaf_label[some_leaf[:num_nodes].clamp_max(num_codes - 1)]
         active = alive.nonzero().squeeze(1)
-        if linkage != "ward":
-            refresh(active, active)
-            continue
-        remap[a] = new
-        remap[b] = new
-        old = active[active < new[0]]
-        before = cand[old]
-        after = remap[before]
-        cand[old] = after
-        cand_cost[old] = torch.where(after != before, math.nan, cand_cost[old])
-        # reducibility: a node whose neighbour survived keeps it
-        stale = old[~alive[nn[old]]]
-        if stale.numel():
-            c = cand[stale]
-            cost = fill_costs(stale, c, cand_cost[stale])
-            cand_cost[stale] = cost
-            best, j = cost.min(dim=1)
-            proven = best <= bound[stale]
-            nn[stale[proven]] = c[proven, j[proven]]
-            nn_cost[stale[proven]] = best[proven]
-            unproven = stale[~proven]
+        refresh(active, active)
+        while next_id < num_nodes:
+            active = alive.nonzero().squeeze(1)
+            partner = nn[active]
+            finite = torch.isfinite(nn_cost[active])
+            mutual = (nn[partner] == active) & (active < partner) & finite
+            a = active[mutual]
+            if a.numel() == 0:  # float ties / rounding: merge the globally cheapest pair
+                i = nn_cost[active].argmin()
+                if not bool(finite[i]):
+                    break  # every label of this phase is merged into one node
+                a = active[i].reshape(1)
+            b = nn[a]
+            num_pairs = a.numel()
+            new = torch.arange(next_id, next_id + num_pairs, device=device)
+            next_id += num_pairs
+            node_level[new] = level
+            some_leaf[new] = some_leaf[a]
+            if label is not None:
+                label[new] = label[a]
+
+            parent[a] = new
+            parent[b] = new
+            children[new - num_codes] = torch.stack([a, b], dim=1)
+            merge_cost[new - num_codes] = nn_cost[a]
+            size[new] = size[a] + size[b]
+            count[new] = count[a] + count[b]
+            data_sum[new] = data_sum[a] + data_sum[b]
+            w = weight[a] + weight[b]
+            weight[new] = w
+            mu[new] = (weight[a, None] * mu[a] + weight[b, None] * mu[b]) / w[:, None]
+            sqnorm[new] = mu[new].pow(2).sum(-1)
+            alive[a] = False
+            alive[b] = False
+            alive[new] = True
+            if bar is not None:
+                bar.update(num_pairs)
+            if next_id >= num_nodes:
+                break
+
+            active = alive.nonzero().squeeze(1)
+            if linkage != "ward":
+                refresh(active, active)
+                continue
+            remap[a] = new
+            remap[b] = new
+            old = active[active < new[0]]
+            before = cand[old]
+            after = remap[before]
+            cand[old] = after
+            cand_cost[old] = torch.where(after != before, math.nan, cand_cost[old])
+            # reducibility: a node whose neighbour survived keeps it
+            stale = old[~alive[nn[old]]]
+            if stale.numel():
+                c = cand[stale]
+                cost = fill_costs(stale, c, cand_cost[stale])
+                cand_cost[stale] = cost
+                best, j = cost.min(dim=1)
+                proven = best <= bound[stale]
+                nn[stale[proven]] = c[proven, j[proven]]
+                nn_cost[stale[proven]] = best[proven]
+                unproven = stale[~proven]
+                if unproven.numel():
+                    refresh(unproven, active)
+            # A new node inherits its children's candidates. Any node outside both
+            # lists costs at least min(bound[a], bound[b]) to either child, hence
+            # (reducibility) at least that much to the merged node.
+            inherited = remap[torch.cat([cand[a], cand[b]], dim=1)]
+            inherited[inherited == new[:, None]] = sentinel
+            inherited = inherited.sort(dim=1).values
+            inherited[:, 1:][inherited[:, 1:] == inherited[:, :-1]] = sentinel
+            cost = fill_costs(new, inherited, torch.full(inherited.shape, math.nan, dtype=dtype, device=device))
+            cost, j = torch.topk(cost, k, dim=1, largest=False, sorted=True)
+            cand[new] = torch.where(torch.isfinite(cost), inherited.gather(1, j), sentinel)
+            cand_cost[new] = cost
+            lower = torch.minimum(bound[a], bound[b])
+            # entries dropped by the top-k cost at least the k-th kept one
+            bound[new] = torch.where(torch.isfinite(cost[:, -1]), torch.minimum(lower, cost[:, -1]), lower)
+            nn[new], nn_cost[new] = cand[new, 0], cost[:, 0]
+            unproven = new[~(cost[:, 0] <= bound[new])]
             if unproven.numel():
                 refresh(unproven, active)
-        # A new node inherits its children's candidates. Any node outside both
-        # lists costs at least min(bound[a], bound[b]) to either child, hence
-        # (reducibility) at least that much to the merged node.
-        inherited = remap[torch.cat([cand[a], cand[b]], dim=1)]
-        inherited[inherited == new[:, None]] = sentinel
-        inherited = inherited.sort(dim=1).values
-        inherited[:, 1:][inherited[:, 1:] == inherited[:, :-1]] = sentinel
-        cost = fill_costs(new, inherited, torch.full(inherited.shape, math.nan, dtype=dtype, device=device))
-        cost, j = torch.topk(cost, k, dim=1, largest=False, sorted=True)
-        cand[new] = torch.where(torch.isfinite(cost), inherited.gather(1, j), sentinel)
-        cand_cost[new] = cost
-        lower = torch.minimum(bound[a], bound[b])
-        # entries dropped by the top-k cost at least the k-th kept one
-        bound[new] = torch.where(torch.isfinite(cost[:, -1]), torch.minimum(lower, cost[:, -1]), lower)
-        nn[new], nn_cost[new] = cand[new, 0], cost[:, 0]
-        unproven = new[~(cost[:, 0] <= bound[new])]
-        if unproven.numel():
-            refresh(unproven, active)
 
     if bar is not None:
         bar.close()
@@ -417,7 +471,8 @@ def build_hierarchy(
         center[num_codes:] = torch.where(
             (internal > 0)[:, None], data_sum[num_codes:] / internal.clamp_min(1e-30)[:, None], fallback
         )
-    return Hierarchy(parent=parent, children=children, size=size, count=count, center=center, merge_cost=merge_cost)
+    hierarchy = Hierarchy(parent=parent, children=children, size=size, count=count, center=center, merge_cost=merge_cost)
+    return hierarchy, node_level
 
 
 def _check_stat(t: Tensor, shape: tuple[int, ...], name: str, codebook: Tensor) -> Tensor:

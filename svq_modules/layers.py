@@ -127,7 +127,7 @@ class _Cut(NamedTuple):
 class _Cutter:
     """Precomputed tree facts shared by every cut of one hierarchy."""
 
-    def __init__(self, hierarchy: Hierarchy, cut: str):
+    def __init__(self, hierarchy: Hierarchy, cut: str, node_level: Tensor | None = None):
         if cut not in CUTS:
             raise ValueError(f"unknown cut {cut!r}; expected one of {CUTS}")
         self.h = hierarchy
@@ -141,6 +141,7 @@ class _Cutter:
         gain[self.num_leaves :] = hierarchy.split_gain().to(torch.float64)
         self.gain = gain
         self.depth = node_depth(hierarchy.parent)
+        self.node_level = node_level
 
     def start(self) -> tuple[Tensor, Tensor]:
         """(opened, frontier) before layer 0: nothing opened, the root alone."""
@@ -149,11 +150,17 @@ class _Cutter:
         frontier[-1] = True
         return opened, frontier
 
-    def step(self, opened: Tensor, frontier: Tensor, bits: int | None) -> _Cut:
-        """Cut every frontier node into at most ``2**bits`` nodes (``None``: to the leaves)."""
+    def step(self, opened: Tensor, frontier: Tensor, bits: int | None, level: int | None = None) -> _Cut:
+        """Cut every frontier node into at most ``2**bits`` nodes (``None``: to the leaves).
+
+        With ``level`` (a constrained layer, see :mod:`svq_modules.refine`), open
+        exactly the nodes whose ``node_level <= level``.
+        """
         owner, under, key = scan_to_marked(self.h.parent, frontier, self.gain, torch.minimum, math.inf)
         candidates = under & self.internal & ~opened
-        if bits is None:
+        if level is not None:
+            new = candidates & (self.node_level <= level)
+        elif bits is None:
             new = candidates
         elif self.cut == "depth":
             new = candidates & (self.depth - self.depth[owner] < bits)
@@ -269,7 +276,13 @@ def _balanced(name: str, hierarchy: Hierarchy, num_layers: int, cut: str) -> lis
 
 
 def build_layers(
-    hierarchy: Hierarchy, bits: BitProposal, *, cut: str = "greedy", num_layers: int | None = None
+    hierarchy: Hierarchy,
+    bits: BitProposal,
+    *,
+    cut: str = "greedy",
+    num_layers: int | None = None,
+    node_level: Tensor | None = None,
+    constrained_layers: int = 0,
 ) -> LayerTables:
     """Cut the hierarchy into scalable layers.
 
@@ -279,11 +292,17 @@ def build_layers(
             ``len(bits)`` listed layers plus one final layer.
         cut: ``"greedy"`` (default) or ``"depth"`` (seed-compatible).
         num_layers: total number of layers L, final layer included.
+        node_level: ``[M]`` int64 from a constrained build (see
+            :mod:`svq_modules.refine`); with ``constrained_layers = C``, layer
+            ``l < C`` opens exactly the nodes of level ``<= l`` instead of cutting.
+        constrained_layers: C.
 
     Returns:
         :class:`LayerTables` on the hierarchy's device.
     """
-    cutter = _Cutter(hierarchy, cut)
+    if constrained_layers and node_level is None:
+        raise ValueError("constrained_layers needs node_level")
+    cutter = _Cutter(hierarchy, cut, node_level)
     widths = resolve_bits(bits, hierarchy, num_layers, cut)
     explicit_final = not (isinstance(bits, int) and not isinstance(bits, bool) and num_layers is None)
     num_leaves, num_nodes = hierarchy.num_leaves, hierarchy.num_nodes
@@ -301,7 +320,7 @@ def build_layers(
     opened, frontier = cutter.start()
     for layer, bits_l in enumerate(schedule):
         width_out[layer] = cutter.deepest_remaining_bits(frontier) if bits_l is None else bits_l
-        step = cutter.step(opened, frontier, bits_l)
+        step = cutter.step(opened, frontier, bits_l, layer if layer < constrained_layers else None)
         # layer-l nodes that are new, grouped under their layer-(l-1) node
         nodes = (step.frontier & ~frontier).nonzero().squeeze(1)
         grp = step.owner[nodes]
