@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import layers as _core_layers
 from .hierarchy import Hierarchy, build_hierarchy, code_statistics
+from .refine import build_refined
 from .layers import LayerTables, symbol_bits
 from .tree import node_depth, scan_to_marked
 from .validation import check_bits_list, check_codebook, check_indices, check_vectors
@@ -409,6 +410,7 @@ def encode_scalable(
     n_bit_limit: int | None = None,
     block_size: int | None = None,
     progress: bool = False,
+    refine: bool = False,
 ) -> EncodedLayers:
     """:func:`encode_layers`, also returning the hierarchy and layer tables behind the layers.
 
@@ -423,6 +425,9 @@ def encode_scalable(
         sums = None
     hierarchy = build_hierarchy(codebook, counts, sums, linkage=linkage, block_size=block_size, progress=progress)
     tables = _resolve_tables(hierarchy, indices, n_bit_baselayer, n_bits_proposal, cut, num_layers)
+    if refine:  # same widths, Lloyd-refined nested layers (svq_modules.refine)
+        widths = tables.widths[:-1].tolist() or tables.widths.tolist()
+        hierarchy, tables = build_refined(codebook, counts, sums, widths, linkage=linkage, cut=cut, progress=progress)
     if n_bit_limit is not None:
         limit = _check_positive_int(n_bit_limit, "n_bit_limit")
         worst = int(symbol_bits(tables).sum(0).max())
@@ -445,6 +450,7 @@ def encode_layers(
     block_size: int | None = None,
     progress: bool = False,
     visualize: bool | str | os.PathLike = False,
+    refine: bool = False,
 ) -> list[Layer]:
     """Cut the vectors' codeword indices into scalable layers (seed-compatible).
 
@@ -491,6 +497,8 @@ def encode_layers(
             bits than this over all layers (the seed's 64-bit code limit).
         block_size: elements per distance block while building the tree.
         progress: show a progress bar while building the tree.
+        refine: Lloyd-refine each listed layer inside its parent cell
+            (:mod:`svq_modules.refine`): lower distortion, one tree build per layer.
         visualize: a file path: also draw the layers there (PNG, see
             :func:`svq_modules.plotting.visualize_layers`).
 
@@ -513,6 +521,7 @@ def encode_layers(
         linkage=linkage,
         num_layers=num_layers,
         n_bit_limit=n_bit_limit,
+        refine=refine,
         block_size=block_size,
         progress=progress,
     )

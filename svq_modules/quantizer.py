@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from . import distributed as svq_dist
 from .bitstream import compress_layers, decompress_layers
+from .refine import build_refined
 from .hierarchy import LINKAGES, Hierarchy, build_hierarchy, code_statistics
 from .layers import CUTS, PROPOSALS, LayerRates, LayerTables, build_layers, decode_codes, encode_indices, layer_rates
 from .layers import reconstruct as _reconstruct_layers
@@ -156,6 +157,9 @@ class ScalableVQ(nn.Module):
             ``[B, D, H, W]``) instead of ``[..., D]``; outputs follow the input layout.
         linkage: linkage of the hierarchy (``"ward"`` or ``"centroid"``).
         cut: layer cut (``"greedy"`` or ``"depth"``).
+        refine: Lloyd-refine each layer's partition inside its parent cell
+            (see :mod:`svq_modules.refine`): lower distortion per layer, one
+            tree build per listed layer in :meth:`update`.
         sync_distributed: all-reduce statistics / broadcast initializations when
             ``torch.distributed`` is initialized.
         dead_code_sampling: ``"distortion"`` (vectors drawn with probability
@@ -206,6 +210,7 @@ class ScalableVQ(nn.Module):
         channel_first: bool = False,
         linkage: str = "ward",
         cut: str = "greedy",
+        refine: bool = False,
         sync_distributed: bool = True,
         dead_code_sampling: str = "distortion",
         relocate_codes: bool = True,
@@ -245,6 +250,7 @@ class ScalableVQ(nn.Module):
         self.channel_first = bool(channel_first)
         self.linkage = linkage
         self.cut = cut
+        self.refine = bool(refine)
         self.sync_distributed = bool(sync_distributed)
         self.dead_code_sampling = dead_code_sampling
         self.relocate_codes = bool(relocate_codes)
@@ -787,12 +793,17 @@ class ScalableVQ(nn.Module):
             svq_dist.broadcast_tensors_([self.codebook.data, self.cluster_size, self.embed_sum])
         codebook = self.codebook.detach()
         counts, sums = self._tree_statistics()
-        hierarchy = build_hierarchy(
-            codebook, counts, sums, linkage=self.linkage, block_size=self.block_size, progress=progress
-        )
-        tables = build_layers(
-            hierarchy, self.bits, cut=self.cut, num_layers=None if isinstance(self.bits, list) else self.num_layers
-        )
+        num_layers = None if isinstance(self.bits, list) else self.num_layers
+        if self.refine:
+            hierarchy, tables = build_refined(
+                codebook, counts, sums, self.bits, num_layers=num_layers, linkage=self.linkage, cut=self.cut,
+                progress=progress,
+            )
+        else:
+            hierarchy = build_hierarchy(
+                codebook, counts, sums, linkage=self.linkage, block_size=self.block_size, progress=progress
+            )
+            tables = build_layers(hierarchy, self.bits, cut=self.cut, num_layers=num_layers)
         if tables.num_layers != self.num_layers:
             raise RuntimeError(f"build_layers returned {tables.num_layers} layers, expected {self.num_layers}")
         targets = []
