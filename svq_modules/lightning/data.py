@@ -1,0 +1,478 @@
+"""LightningDataModules for ScalableVQ training.
+
+Three data modules, all light on dependencies (PIL and numpy only, no torchvision):
+
+* :class:`SampleImagesDataModule` -- the default: scikit-learn's two sample images
+  (``china.jpg``, ``flower.jpg``) that ship with the package, so ``python train.py``
+  works offline.
+* :class:`ImageFolderDataModule` -- a user's own images from a folder.
+* :class:`VectorDataModule` -- plain ``[N, D]`` vectors from a ``.npy`` / ``.npz`` /
+  ``.pt`` file (the seed's use case, e.g. attributes of 3-D points).
+
+Image data modules hold every image in memory as ``uint8`` and cut crops on the fly:
+random crops (with optional horizontal flips) for training, a fixed grid of crops for
+validation. Validation comes from a held-out region of every image (its rightmost
+``val_fraction`` of columns) unless the folder has ``train/`` and ``val/`` sub-folders,
+so the validation figures are measured on pixels the model never trained on.
+``val_fraction=1.0`` turns whole images into validation data (useful for ``eval.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RandomCropDataset",
+    "FixedCropDataset",
+    "ImageCropDataModule",
+    "SampleImagesDataModule",
+    "ImageFolderDataModule",
+    "VectorDataModule",
+    "load_vectors",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _to_chw_uint8(array: np.ndarray) -> torch.Tensor:
+    """HxWx3 (or HxW) uint8 array -> 3xHxW uint8 tensor."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB image array of shape [H, W, 3], got {array.shape}")
+    array = array[:, :, :3]
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {array.dtype}")
+    return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def _to_float(img: torch.Tensor) -> torch.Tensor:
+    return img.to(torch.float32).div_(255.0)
+
+
+def _current_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    for key in ("RANK", "GLOBAL_RANK", "LOCAL_RANK"):
+        if key in os.environ:
+            try:
+                return int(os.environ[key])
+            except ValueError:
+                pass
+    return 0
+
+
+class RandomCropDataset(Dataset):
+    """``length`` random ``crop_size`` crops (float in [0, 1], [3, s, s]) of in-memory images.
+
+    Crop positions come from a numpy generator seeded by ``(seed, rank, worker id)``:
+    reproducible for a given run, different on every DDP rank and dataloader worker.
+    Images are drawn in proportion to their number of possible crop positions.
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], crop_size: int, length: int, *, hflip: bool = True,
+                 seed: int = 0):
+        self.images = [img for img in images if img.shape[1] >= crop_size and img.shape[2] >= crop_size]
+        if not self.images:
+            sizes = [tuple(img.shape[1:]) for img in images]
+            raise ValueError(f"no training image is at least {crop_size}x{crop_size} pixels (sizes: {sizes}); "
+                             f"lower data.crop_size")
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.crop_size = int(crop_size)
+        self.length = int(length)
+        self.hflip = bool(hflip)
+        self.seed = int(seed)
+        positions = np.array([(img.shape[1] - crop_size + 1) * (img.shape[2] - crop_size + 1) for img in self.images],
+                             dtype=np.float64)
+        self.image_weights = positions / positions.sum()
+        self._rng: np.random.Generator | None = None
+        self._rng_key: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _generator(self) -> np.random.Generator:
+        info = torch.utils.data.get_worker_info()
+        key = (_current_rank(), info.id if info is not None else -1)
+        if self._rng is None or self._rng_key != key:
+            self._rng = np.random.default_rng([self.seed, key[0], key[1] + 1])
+            self._rng_key = key
+        return self._rng
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = self._generator()
+        img = self.images[int(rng.choice(len(self.images), p=self.image_weights))]
+        s = self.crop_size
+        top = int(rng.integers(0, img.shape[1] - s + 1))
+        left = int(rng.integers(0, img.shape[2] - s + 1))
+        crop = img[:, top:top + s, left:left + s]
+        if self.hflip and rng.random() < 0.5:
+            crop = crop.flip(-1)
+        return _to_float(crop)
+
+
+class FixedCropDataset(Dataset):
+    """A deterministic grid of non-overlapping ``crop_size`` crops of every image.
+
+    At most ``max_crops`` crops in all, picked evenly over the grid.
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], crop_size: int, max_crops: int | None = None):
+        self.crop_size = int(crop_size)
+        boxes: list[tuple[int, int, int]] = []
+        for i, img in enumerate(images):
+            rows, cols = img.shape[1] // crop_size, img.shape[2] // crop_size
+            # centre the grid in the image
+            top0 = (img.shape[1] - rows * crop_size) // 2
+            left0 = (img.shape[2] - cols * crop_size) // 2
+            for r in range(rows):
+                for c in range(cols):
+                    boxes.append((i, top0 + r * crop_size, left0 + c * crop_size))
+        if not boxes:
+            sizes = [tuple(img.shape[1:]) for img in images]
+            raise ValueError(f"no validation image region is at least {crop_size}x{crop_size} pixels "
+                             f"(sizes: {sizes}); lower data.val_crop_size or raise data.val_fraction")
+        if max_crops is not None and len(boxes) > max_crops:
+            pick = np.linspace(0, len(boxes) - 1, int(max_crops)).round().astype(int)
+            boxes = [boxes[j] for j in pick]
+        self.images = list(images)
+        self.boxes = boxes
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        i, top, left = self.boxes[index]
+        s = self.crop_size
+        return _to_float(self.images[i][:, top:top + s, left:left + s])
+
+
+def _split_columns(img: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Left part of the image for training, the rightmost ``val_fraction`` of its columns for validation."""
+    width = img.shape[2]
+    n_val = int(round(width * val_fraction))
+    n_val = min(max(n_val, 0), width)
+    train = img[:, :, : width - n_val] if n_val < width else None
+    val = img[:, :, width - n_val:] if n_val > 0 else None
+    return train, val
+
+
+class ImageCropDataModule(L.LightningDataModule):
+    """Base class: images in memory, random training crops, fixed validation crops.
+
+    Subclasses implement :meth:`load_images` (returns ``(train_images, val_images)``;
+    ``val_images=None`` means "split every image by columns").
+
+    Args:
+        crop_size: side of the square training crops (must be a multiple of the
+            autoencoder's downsampling factor).
+        val_crop_size: side of the square validation crops.
+        train_crops_per_epoch: number of random crops that make one training epoch.
+        batch_size / val_batch_size: loader batch sizes.
+        val_fraction: fraction of every image's columns (on the right) held out for
+            validation when there is no separate validation set. 1.0 = whole images.
+        max_val_crops: cap on the number of validation crops (evenly picked).
+        hflip: random horizontal flips of the training crops.
+        num_workers: dataloader workers (0 = load in the main process; crops are cheap).
+        seed: seed of the training-crop generator.
+    """
+
+    kind = "images"
+
+    def __init__(self, crop_size: int = 64, val_crop_size: int = 128, train_crops_per_epoch: int = 512,
+                 batch_size: int = 16, val_batch_size: int = 8, val_fraction: float = 0.2,
+                 max_val_crops: int | None = None, hflip: bool = True, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if not 0.0 <= float(val_fraction) <= 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+        for name, value in (("crop_size", crop_size), ("val_crop_size", val_crop_size),
+                            ("train_crops_per_epoch", train_crops_per_epoch), ("batch_size", batch_size),
+                            ("val_batch_size", val_batch_size)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.crop_size = int(crop_size)
+        self.val_crop_size = int(val_crop_size)
+        self.train_crops_per_epoch = int(train_crops_per_epoch)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.val_fraction = float(val_fraction)
+        self.max_val_crops = None if max_val_crops is None else int(max_val_crops)
+        self.hflip = bool(hflip)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.train_images: list[torch.Tensor] | None = None
+        self.val_images: list[torch.Tensor] | None = None
+        self.data_train: RandomCropDataset | None = None
+        self.data_val: FixedCropDataset | None = None
+
+    # -- to implement -------------------------------------------------------------------
+    def load_images(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        raise NotImplementedError
+
+    # -- properties the training script and callbacks use --------------------------------
+    @property
+    def channels(self) -> int:
+        return 3
+
+    @property
+    def data_range(self) -> float:
+        return 1.0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_images is None:
+            images, val_images = self.load_images()
+            if val_images is None:
+                train_images, val_images = [], []
+                for img in images:
+                    tr, va = _split_columns(img, self.val_fraction)
+                    if tr is not None:
+                        train_images.append(tr)
+                    if va is not None:
+                        val_images.append(va)
+            else:
+                train_images = images
+            self.train_images, self.val_images = train_images, val_images
+        if stage in (None, "fit") and self.data_train is None:
+            if not self.train_images:
+                raise ValueError("no training pixels: data.val_fraction=1.0 leaves nothing to train on")
+            self.data_train = RandomCropDataset(self.train_images, self.crop_size, self.train_crops_per_epoch,
+                                                hflip=self.hflip, seed=self.seed)
+        if stage in (None, "fit", "validate", "test") and self.data_val is None:
+            if not self.val_images:
+                raise ValueError("no validation pixels: raise data.val_fraction (e.g. 0.2)")
+            self.data_val = FixedCropDataset(self.val_images, self.val_crop_size, self.max_val_crops)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.data_train is not None, "call setup('fit') first"
+        return DataLoader(self.data_train, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.data_val is not None, "call setup('validate') first"
+        return DataLoader(self.data_val, batch_size=self.val_batch_size, shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class SampleImagesDataModule(ImageCropDataModule):
+    """scikit-learn's embedded sample images (``china.jpg``, ``flower.jpg``, 427x640 RGB each).
+
+    No download: the JPEGs ship inside scikit-learn. Training crops come from the left
+    ``1 - val_fraction`` of each image, validation crops from the held-out right part.
+    """
+
+    def __init__(self, names: Sequence[str] = ("china.jpg", "flower.jpg"), **kwargs):
+        super().__init__(**kwargs)
+        self.names = [str(n) for n in names]
+        if not self.names:
+            raise ValueError("names must list at least one sklearn sample image")
+        self.save_hyperparameters()
+
+    def load_images(self) -> tuple[list[torch.Tensor], None]:
+        from sklearn.datasets import load_sample_image
+
+        return [_to_chw_uint8(load_sample_image(name)) for name in self.names], None
+
+
+def _list_images(folder: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _read_image(path: Path, max_side: int | None) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max_side is not None and max(im.size) > max_side:
+            scale = max_side / max(im.size)
+            new = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
+            im = im.resize(new, Image.Resampling.LANCZOS)
+        return _to_chw_uint8(np.asarray(im))
+
+
+class ImageFolderDataModule(ImageCropDataModule):
+    """A user's images from ``root`` (PNG/JPEG/... read with PIL, held in memory as uint8).
+
+    If ``root`` has ``train/`` and ``val/`` sub-folders they are used as the two splits;
+    otherwise every image is split by columns (see :class:`ImageCropDataModule`).
+
+    Args:
+        root: folder of images.
+        recursive: also look into sub-folders.
+        max_side: downscale images whose longer side exceeds this (None = keep size).
+        **kwargs: see :class:`ImageCropDataModule`.
+    """
+
+    def __init__(self, root: str, recursive: bool = True, max_side: int | None = 1024, **kwargs):
+        super().__init__(**kwargs)
+        if root is None or str(root) in ("", "???"):
+            raise ValueError("ImageFolderDataModule needs data.root=<folder of images>")
+        self.root = Path(str(root)).expanduser()
+        self.recursive = bool(recursive)
+        self.max_side = None if max_side is None else int(max_side)
+        self.save_hyperparameters()
+
+    def load_images(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.root={self.root} is not a folder")
+        train_dir, val_dir = self.root / "train", self.root / "val"
+        if train_dir.is_dir() and val_dir.is_dir():
+            train = [_read_image(p, self.max_side) for p in _list_images(train_dir, self.recursive)]
+            val = [_read_image(p, self.max_side) for p in _list_images(val_dir, self.recursive)]
+            if not train or not val:
+                raise FileNotFoundError(f"{train_dir} and {val_dir} must both hold images ({IMAGE_EXTENSIONS})")
+            return train, val
+        paths = _list_images(self.root, self.recursive)
+        if not paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
+        return [_read_image(p, self.max_side) for p in paths], None
+
+
+# ----------------------------------------------------------------------------------------
+# vectors
+# ----------------------------------------------------------------------------------------
+
+def load_vectors(path: str | os.PathLike, key: str | None = None) -> torch.Tensor:
+    """Load an ``[N, D]`` float array from ``.npy``, ``.npz`` or ``.pt``/``.pth``.
+
+    ``key`` picks an entry of an ``.npz`` archive or of a dict saved with ``torch.save``
+    (default: the only / first entry). Returns float32 (float64 stays float64).
+    """
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"vector file {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        data = np.load(p, allow_pickle=False)
+    elif suffix == ".npz":
+        with np.load(p, allow_pickle=False) as archive:
+            names = list(archive.keys())
+            if not names:
+                raise ValueError(f"{p} holds no arrays")
+            name = key if key is not None else names[0]
+            if name not in archive:
+                raise KeyError(f"{p} has no array {name!r} (has {names})")
+            data = archive[name]
+    elif suffix in (".pt", ".pth"):
+        data = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(data, dict):
+            names = list(data.keys())
+            if not names:
+                raise ValueError(f"{p} holds an empty dict")
+            name = key if key is not None else names[0]
+            if name not in data:
+                raise KeyError(f"{p} has no entry {name!r} (has {names})")
+            data = data[name]
+    else:
+        raise ValueError(f"unsupported vector file type {suffix!r} ({p}); use .npy, .npz or .pt")
+    x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
+    if x.ndim != 2:
+        raise ValueError(f"expected an [N, D] array in {p}, got shape {tuple(x.shape)}")
+    if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise ValueError(f"expected numbers in {p}, got dtype {x.dtype}")
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{p} contains NaN or Inf values")
+    return x
+
+
+class _Vectors(Dataset):
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.x[index]
+
+
+class VectorDataModule(L.LightningDataModule):
+    """Plain ``[N, D]`` vectors from a file, split at random (fixed seed) into train / val.
+
+    Args:
+        path: ``.npy``, ``.npz`` or ``.pt`` file holding an ``[N, D]`` array.
+        key: entry name inside an ``.npz`` / dict ``.pt`` file.
+        val_fraction: share of vectors held out for validation (at least one vector).
+        batch_size / val_batch_size: loader batch sizes.
+        dtype: ``float32`` (default) or ``float64``.
+        num_workers: dataloader workers.
+        seed: seed of the train/val split.
+    """
+
+    kind = "vectors"
+
+    def __init__(self, path: str, key: str | None = None, val_fraction: float = 0.1, batch_size: int = 1024,
+                 val_batch_size: int = 4096, dtype: str = "float32", num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if path is None or str(path) in ("", "???"):
+            raise ValueError("VectorDataModule needs data.path=<file.npy|.npz|.pt>")
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.path = str(path)
+        self.key = key
+        self.val_fraction = float(val_fraction)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.dtype = getattr(torch, dtype)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.save_hyperparameters()
+        self.vectors: torch.Tensor | None = None
+        self.data_train: _Vectors | None = None
+        self.data_val: _Vectors | None = None
+
+    def _load(self) -> torch.Tensor:
+        if self.vectors is None:
+            self.vectors = load_vectors(self.path, self.key).to(self.dtype)
+        return self.vectors
+
+    @property
+    def dim(self) -> int:
+        return int(self._load().shape[1])
+
+    @property
+    def data_range(self) -> float:
+        x = self._load()
+        return float(x.max() - x.min())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_train is not None:
+            return
+        x = self._load()
+        n = x.shape[0]
+        if n < 2:
+            raise ValueError(f"{self.path} holds {n} vector(s); need at least 2 for a train/val split")
+        n_val = min(max(1, int(math.floor(n * self.val_fraction))), n - 1)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        self.data_val = _Vectors(x[perm[:n_val]])
+        self.data_train = _Vectors(x[perm[n_val:]])
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.data_train is not None, "call setup('fit') first"
+        return DataLoader(self.data_train, batch_size=self.batch_size, shuffle=True, drop_last=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.data_val is not None, "call setup('validate') first"
+        return DataLoader(self.data_val, batch_size=self.val_batch_size, shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
