@@ -30,9 +30,13 @@ LINKAGES = ("ward", "centroid")
 # and barely move the centroid of the node they join.
 _EMPTY_WEIGHT = 1e-6
 # elements of one block of the distance matrix (rows x active nodes)
-_DEFAULT_BLOCK_ELEMENTS = 1 << 22
+_DEFAULT_BLOCK_ELEMENTS = 1 << 19
 # partners remembered per node by the Ward merge loop
-_CANDIDATES = 64
+_CANDIDATES = 16
+# longer lists for very large codebooks, where full rescans dominate
+_CANDIDATES_LARGE = 64
+_LARGE_CODEBOOK = 32768
+_MIN_BLOCK_ROWS = 64
 
 
 def code_statistics(
@@ -190,7 +194,8 @@ def _candidate_rows(
     cols = cols.T.contiguous()
     w_inv = 1.0 / weight[active]
     self_pos = torch.searchsorted(active, rows)
-    step = max(1, block_elements // num_active)
+    # at least _MIN_BLOCK_ROWS rows per block: fewer, larger products for large K
+    step = max(_MIN_BLOCK_ROWS, block_elements // num_active)
     buf = None
     for start in range(0, num_rows, step):
         r = rows[start : start + step]
@@ -252,7 +257,7 @@ def build_hierarchy(
             the codewords: cost ``||mu_a - mu_b||^2`` between the plain means of
             the member codewords; usable with no data). Centroid linkage is not
             reducible, so its batched tree may differ from a greedy one.
-        block_size: elements of a distance block (memory knob); default 4M.
+        block_size: elements of a distance block (memory knob); default 512K.
         progress: show a tqdm bar over merges.
         constraints: optional ``[C, K]`` int64 nested leaf labels, coarse to
             fine (row c refines row c-1). Merges first stay inside the finest
@@ -331,7 +336,7 @@ def _build(
     # (merged partners are replaced by their new parent); a node whose nearest
     # neighbour merged away re-checks that list and scans all nodes only when
     # the list cannot prove its best entry is the true nearest neighbour.
-    k = _CANDIDATES if linkage == "ward" else 1
+    k = (_CANDIDATES_LARGE if num_codes >= _LARGE_CODEBOOK else _CANDIDATES) if linkage == "ward" else 1
     cand = torch.full((num_nodes + 1, k), sentinel, dtype=torch.long, device=device)
     cand_cost = torch.full((num_nodes + 1, k), math.inf, dtype=dtype, device=device)  # NaN = unknown
     bound = torch.full((num_nodes + 1,), math.inf, dtype=dtype, device=device)
