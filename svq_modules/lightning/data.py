@@ -168,7 +168,32 @@ def _split_columns(img: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor
     return train, val
 
 
-class ImageCropDataModule(L.LightningDataModule):
+class _LoadersMixin:
+    """Train / val / test loaders shared by the data modules of this file.
+
+    Needs ``data_train``, ``data_val``, ``batch_size``, ``val_batch_size``,
+    ``num_workers``; ``drop_last_train`` drops a ragged last training batch.
+    """
+
+    drop_last_train: bool = False
+
+    def _loader(self, dataset: Dataset | None, stage: str, batch_size: int, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call setup({stage!r}) before asking for its data loader")
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and self.drop_last_train,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, "fit", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, "validate", self.val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class ImageCropDataModule(_LoadersMixin, L.LightningDataModule):
     """Base class: images in memory, random training crops, fixed validation crops.
 
     Subclasses implement :meth:`load_images` (returns ``(train_images, val_images)``;
@@ -187,6 +212,8 @@ class ImageCropDataModule(L.LightningDataModule):
         num_workers: dataloader workers (0 = load in the main process; crops are cheap).
         seed: seed of the training-crop generator.
     """
+
+    drop_last_train = True
 
     kind = "images"
 
@@ -253,18 +280,6 @@ class ImageCropDataModule(L.LightningDataModule):
                 raise ValueError("no validation pixels: raise data.val_fraction (e.g. 0.2)")
             self.data_val = FixedCropDataset(self.val_images, self.val_crop_size, self.max_val_crops)
 
-    def train_dataloader(self) -> DataLoader:
-        assert self.data_train is not None, "call setup('fit') first"
-        return DataLoader(self.data_train, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.data_val is not None, "call setup('validate') first"
-        return DataLoader(self.data_val, batch_size=self.val_batch_size, shuffle=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
 
 class SampleImagesDataModule(ImageCropDataModule):
@@ -401,7 +416,7 @@ class _Vectors(Dataset):
         return self.x[index]
 
 
-class VectorDataModule(L.LightningDataModule):
+class VectorDataModule(_LoadersMixin, L.LightningDataModule):
     """Plain ``[N, D]`` vectors from a file, split at random (fixed seed) into train / val.
 
     Args:
@@ -464,15 +479,3 @@ class VectorDataModule(L.LightningDataModule):
         self.data_val = _Vectors(x[perm[:n_val]])
         self.data_train = _Vectors(x[perm[n_val:]])
 
-    def train_dataloader(self) -> DataLoader:
-        assert self.data_train is not None, "call setup('fit') first"
-        return DataLoader(self.data_train, batch_size=self.batch_size, shuffle=True, drop_last=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.data_val is not None, "call setup('validate') first"
-        return DataLoader(self.data_val, batch_size=self.val_batch_size, shuffle=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
