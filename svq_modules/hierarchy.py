@@ -370,6 +370,13 @@ def _build(
         bar = tqdm(total=num_codes - 1, desc="hierarchy", unit="merge")
 
     next_id = num_codes
+    if linkage == "ward":
+        next_id = _absorb_empty_codes(
+            counts, mu, weight, alive, parent, children, merge_cost, size, count, data_sum, sqnorm,
+            node_level, some_leaf, constraints, constraints.shape[0], block,
+        )
+        if bar is not None:
+            bar.update(next_id - num_codes)
     # phases: inside the finest labels first, then each coarser row, then free
     phases = [(c + 1, constraints[c]) for c in reversed(range(constraints.shape[0]))] + [(0, None)]
     for level, leaf_label in phases:
@@ -478,6 +485,81 @@ def _build(
         )
     hierarchy = Hierarchy(parent=parent, children=children, size=size, count=count, center=center, merge_cost=merge_cost)
     return hierarchy, node_level
+
+
+def _absorb_empty_codes(
+    counts: Tensor,
+    mu: Tensor,
+    weight: Tensor,
+    alive: Tensor,
+    parent: Tensor,
+    children: Tensor,
+    merge_cost: Tensor,
+    size: Tensor,
+    count: Tensor,
+    data_sum: Tensor,
+    sqnorm: Tensor,
+    node_level: Tensor,
+    some_leaf: Tensor,
+    constraints: Tensor,
+    level: int,
+    block_elements: int,
+) -> int:
+    """Merge every code without data into its nearest code with data, first.
+
+    A code no vector uses would be the cheapest Ward partner of everything
+    (its weight is ~0) and make every candidate list useless. It carries no
+    data, so where it joins changes no distortion: each one is chained onto its
+    nearest non-empty code (same finest constraint label) at ~zero cost, before
+    the regular merging. Returns the next free node id.
+    """
+    num_codes = counts.shape[0]
+    empty = (counts <= 0).nonzero().squeeze(1)
+    full = (counts > 0).nonzero().squeeze(1)
+    if empty.numel() == 0 or full.numel() == 0:
+        return num_codes
+    target = torch.empty_like(empty)
+    best = torch.empty(empty.shape, dtype=mu.dtype, device=mu.device)
+    step = max(_MIN_BLOCK_ROWS, block_elements // full.numel())
+    fine = constraints[-1] if constraints.shape[0] else None
+    for start in range(0, empty.numel(), step):
+        e = empty[start : start + step]
+        d = (sqnorm[e, None] + sqnorm[full][None, :]) - 2.0 * (mu[e] @ mu[full].T)
+        if fine is not None:
+            d.masked_fill_(fine[e][:, None] != fine[full][None, :], math.inf)
+        best[start : start + step], j = d.min(dim=1)
+        target[start : start + step] = full[j]
+    keep = torch.isfinite(best)  # an empty code alone in its constraint cell stays for later
+    empty, target, best = empty[keep], target[keep], best[keep].clamp_min(0.0)
+    if empty.numel() == 0:
+        return num_codes
+    order = torch.argsort(target * num_codes + empty)
+    empty, target, best = empty[order], target[order], best[order]
+    new = num_codes + torch.arange(empty.numel(), device=mu.device)
+    first = torch.ones_like(empty, dtype=torch.bool)
+    first[1:] = target[1:] != target[:-1]
+    previous = torch.where(first, target, new - 1)  # chain: code, then one merge per empty code
+    rank = torch.arange(empty.numel(), device=mu.device) - torch.searchsorted(target, target)
+    parent[empty] = new
+    parent[previous] = new
+    children[new - num_codes] = torch.stack([previous, empty], dim=1)
+    w_t, w_e = weight[target] + rank * weight[empty], weight[empty]
+    merge_cost[new - num_codes] = w_t * w_e / (w_t + w_e) * best
+    size[new] = rank + 2
+    count[new] = count[target]
+    data_sum[new] = data_sum[target]
+    weight[new] = w_t + w_e
+    mu[new] = mu[target]
+    sqnorm[new] = sqnorm[target]
+    node_level[new] = level
+    some_leaf[new] = target
+    alive[empty] = False
+    alive[previous] = False
+    alive[new] = True
+    last = torch.ones_like(first)
+    last[:-1] = first[1:]
+    alive[new[~last]] = False  # only the top of each chain stays
+    return num_codes + empty.numel()
 
 
 def _check_stat(t: Tensor, shape: tuple[int, ...], name: str, codebook: Tensor) -> Tensor:

@@ -173,3 +173,25 @@ def test_cuda_tree_matches_cpu():
     gpu = build_hierarchy(codebook.cuda(), counts.cuda(), (codebook * counts[:, None]).cuda())
     assert gpu.parent.is_cuda
     assert torch.equal(cpu.parent, gpu.parent.cpu())
+
+
+def test_empty_codes_do_not_change_the_tree_of_the_others():
+    g = torch.Generator().manual_seed(8)
+    K = 300
+    codebook = torch.randn(K, 5, generator=g, dtype=torch.float64)
+    counts = torch.randint(1, 20, (K,), generator=g).double()
+    counts[torch.randperm(K, generator=g)[:90]] = 0  # 30% codes without data
+    sums = codebook * counts[:, None]
+    h = build_hierarchy(codebook, counts, sums)
+    full = counts > 0
+    kept = full.nonzero().squeeze(1)
+    sub = build_hierarchy(codebook[kept], counts[kept], sums[kept])
+    # every empty code is absorbed at (almost) no cost
+    empty_merges = [c for i, c in enumerate(h.children.tolist()) if any(x < K and counts[x] == 0 for x in c)]
+    assert len(empty_merges) == 90
+    # the merges among codes with data are those of the tree built without the empty ones
+    ours = {m & frozenset(kept.tolist()) for m, _ in tree_merges(h)}
+    ours = {m for m in ours if len(m) > 1}
+    ref = {frozenset(kept[list(m)].tolist()) for m, _ in tree_merges(sub)}
+    assert ours == ref
+    torch.testing.assert_close(h.center[h.root], sums.sum(0) / counts.sum())
