@@ -68,6 +68,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model.eval()
         model[1].update()
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"ddp{rank}.pt"))
+        dist.barrier()  # both ranks done before the group goes away
     finally:
         dist.destroy_process_group()
 
