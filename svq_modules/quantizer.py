@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from . import distributed as svq_dist
 from .bitstream import compress_layers, decompress_layers
 from .refine import build_refined
+from .validation import check_bits_list
 from .hierarchy import LINKAGES, Hierarchy, build_hierarchy, code_statistics
 from .layers import CUTS, PROPOSALS, LayerRates, LayerTables, build_layers, decode_codes, encode_indices, layer_rates
 from .layers import reconstruct as _reconstruct_layers
@@ -293,13 +294,7 @@ class ScalableVQ(nn.Module):
         if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         if isinstance(bits, (list, tuple)):
-            widths = []
-            for b in bits:
-                if isinstance(b, bool) or not hasattr(b, "__index__") or int(b) <= 0:
-                    raise ValueError(f"bits must be positive ints, got {b!r} in {list(bits)}")
-                widths.append(int(b))
-            if not widths:
-                raise ValueError("bits is empty: need at least the base layer's bits")
+            widths = check_bits_list(bits)
             if num_layers is not None and num_layers != len(widths) + 1:
                 raise ValueError(f"bits {widths} make {len(widths) + 1} layers but num_layers={num_layers}")
             return widths, len(widths) + 1
