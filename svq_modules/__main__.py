@@ -37,16 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .bitstream import (
-    CODINGS,
-    BitstreamError,
-    atomic_write,
-    compress_layers,
-    decompress_layers,
-    read_container,
-    read_header,
-    write_container,
-)
+from .bitstream import CODINGS, BitstreamError, compress_layers, decompress_layers, read_header
+from .container import atomic_write, read_container, write_container
 
 MODEL_FORMAT = "svq_modules.ScalableVQ"
 MODEL_VERSION = 1

@@ -22,17 +22,13 @@ import torch
 from svq_modules.bitstream import (
     MAGIC,
     BitstreamError,
-    atomic_write,
     branch_prob_q16,
     compress_layers,
     decompress_layers,
     model_fingerprint,
-    pack_container,
-    read_container,
     read_header,
-    unpack_container,
-    write_container,
 )
+from svq_modules.container import atomic_write, pack_container, read_container, unpack_container, write_container
 from svq_modules.hierarchy import build_hierarchy, code_statistics
 from svq_modules.layers import (
     build_layers,
