@@ -76,6 +76,6 @@ def check_bits_list(bits: list[int], name: str = "bits") -> list[int]:
             raise ValueError(f"{name} must hold ints, got {b!r} in {values}")
         b = int(b)
         if b <= 0:
-            raise ValueError(f"{name} must be positive ints (> 0 for every layer), got {b} in {values}")
+            raise ValueError(f"{name} must be positive ints (> 0): every layer needs at least 1 bit, got {b} in {values}")
         out.append(b)
     return out

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import check_bits_list
+
 __all__ = [
     "Proposal",
     "RDOutputs",
@@ -102,17 +104,13 @@ def check_proposal(bits: Any, num_layers: Any = None) -> tuple[Any, int | None]:
         values = list(bits)
     except TypeError:
         raise ValueError(f"bits={bits!r} is not a bit proposal; {hint}") from None
-    if not values:
-        raise ValueError(f"bits is empty; {hint}")
-    out = []
-    for b in values:
-        if isinstance(b, bool) or not isinstance(b, int):
-            raise ValueError(f"bits must hold ints, got {b!r} in {values}; {hint}")
-        if b < 1:
-            raise ValueError(f"every layer needs at least 1 bit, got {b} in {values}; {hint}")
+    try:
+        out = check_bits_list(values)
+    except ValueError as e:
+        raise ValueError(f"{e}; {hint}") from None
+    for b in out:
         if b > 24:
-            raise ValueError(f"{b} bits in one layer is far more than any codebook needs (max 24), got {values}")
-        out.append(int(b))
+            raise ValueError(f"{b} bits in one layer is far more than any codebook needs (max 24), got {out}")
     if num_layers is not None and num_layers != len(out) + 1:
         raise ValueError(f"bits={out} make {len(out) + 1} layers (the final layer is added) "
                          f"but num_layers={num_layers}")
