@@ -361,6 +361,17 @@ class ImageFolderDataModule(ImageCropDataModule):
 # vectors
 # ----------------------------------------------------------------------------------------
 
+def _entry_name(keys, key: str | None, path: Path) -> str:
+    """The entry of a multi-array file to read: ``key``, or the first one."""
+    names = list(keys)
+    if not names:
+        raise ValueError(f"{path} holds no arrays")
+    name = key if key is not None else names[0]
+    if name not in names:
+        raise KeyError(f"{path} has no array {name!r} (has {names})")
+    return name
+
+
 def load_vectors(path: str | os.PathLike, key: str | None = None) -> torch.Tensor:
     """Load an ``[N, D]`` float array from ``.npy``, ``.npz`` or ``.pt``/``.pth``.
 
@@ -375,23 +386,11 @@ def load_vectors(path: str | os.PathLike, key: str | None = None) -> torch.Tenso
         data = np.load(p, allow_pickle=False)
     elif suffix == ".npz":
         with np.load(p, allow_pickle=False) as archive:
-            names = list(archive.keys())
-            if not names:
-                raise ValueError(f"{p} holds no arrays")
-            name = key if key is not None else names[0]
-            if name not in archive:
-                raise KeyError(f"{p} has no array {name!r} (has {names})")
-            data = archive[name]
+            data = archive[_entry_name(archive.keys(), key, p)]
     elif suffix in (".pt", ".pth"):
         data = torch.load(p, map_location="cpu", weights_only=True)
         if isinstance(data, dict):
-            names = list(data.keys())
-            if not names:
-                raise ValueError(f"{p} holds an empty dict")
-            name = key if key is not None else names[0]
-            if name not in data:
-                raise KeyError(f"{p} has no entry {name!r} (has {names})")
-            data = data[name]
+            data = data[_entry_name(data.keys(), key, p)]
     else:
         raise ValueError(f"unsupported vector file type {suffix!r} ({p}); use .npy, .npz or .pt")
     x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
