@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
