@@ -16,14 +16,13 @@ the training run it reproduces the last validation's figures of that run.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from train import ConfigError, check_pairing, instantiate_list, quiet_warnings
+from train import ConfigError, check_pairing, instantiate_list, print_figures, quiet_warnings, run_checked
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -68,22 +67,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                  f"on {rd.latest['num_vectors']} vectors")
         print(rd.table(title=title))
         result = {k: float(v) for k, v in rd.latest["rows"][-1].items()}
-        out_dir = Path(cfg.paths.output_dir)
-        for png in ("rd_curve.png", "rd_layers.png"):
-            if (out_dir / png).is_file():
-                print(f"figure: {out_dir / png}")
-        print(f"wall time: {time.perf_counter() - t0:.1f} s", flush=True)
+        print_figures(Path(cfg.paths.output_dir), t0)
     return result
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        result = evaluate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    return result.get("psnr")
+    return run_checked(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -233,21 +233,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = Path(getattr(lg, "log_dir", "") or "") / "metrics.csv"
             if metrics.is_file():
                 print(f"metrics: {metrics}")
-        for png in ("rd_curve.png", "rd_layers.png"):
-            if (out_dir / png).is_file():
-                print(f"figure: {out_dir / png}")
-        print(f"wall time: {time.perf_counter() - t0:.1f} s", flush=True)
+        print_figures(out_dir, t0)
     return result
+
+
+def print_figures(out_dir: Path, t0: float) -> None:
+    """Name the RD figures written to ``out_dir`` and the wall time since ``t0``."""
+    for png in ("rd_curve.png", "rd_layers.png"):
+        if (out_dir / png).is_file():
+            print(f"figure: {out_dir / png}")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def run_checked(job: Any, cfg: DictConfig) -> float | None:
+    """Run ``job(cfg)``; a ConfigError becomes a one-line message and exit status 2.
+
+    Returns the final layer's PSNR (for Hydra sweepers).
+    """
+    try:
+        result = job(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return result.get("psnr")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        result = train(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    return result.get("psnr")  # for Hydra sweepers
+    return run_checked(train, cfg)
 
 
 if __name__ == "__main__":
