@@ -427,7 +427,9 @@ def encode_scalable(
     tables = _resolve_tables(hierarchy, indices, n_bit_baselayer, n_bits_proposal, cut, num_layers)
     if refine:  # same widths, Lloyd-refined nested layers (svq_modules.refine)
         widths = tables.widths[:-1].tolist() or tables.widths.tolist()
-        hierarchy, tables = build_refined(codebook, counts, sums, widths, linkage=linkage, cut=cut, progress=progress)
+        hierarchy, tables = build_refined(
+            codebook, counts, sums, widths, linkage=linkage, cut=cut, progress=progress, unconstrained=hierarchy
+        )
     if n_bit_limit is not None:
         limit = _check_positive_int(n_bit_limit, "n_bit_limit")
         worst = int(symbol_bits(tables).sum(0).max())

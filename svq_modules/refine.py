@@ -78,6 +78,7 @@ def build_refined(
     linkage: str = "ward",
     cut: str = "greedy",
     progress: bool = False,
+    unconstrained: Hierarchy | None = None,
 ) -> tuple[Hierarchy, LayerTables]:
     """Hierarchy and layer tables with Lloyd-refined, nested layers.
 
@@ -87,6 +88,8 @@ def build_refined(
         bits: bit proposal (see :func:`~svq_modules.layers.resolve_bits`).
         num_layers: total layers L (final layer included) for non-list proposals.
         iters: Lloyd iterations per layer.
+        unconstrained: the plain tree of the same inputs, if already built
+            (saves one build).
         linkage, cut: as for :func:`~svq_modules.hierarchy.build_hierarchy` /
             :func:`~svq_modules.layers.build_layers`.
 
@@ -94,7 +97,10 @@ def build_refined(
         ``(hierarchy, tables)``: every listed layer's nodes are its refined
         cells; decoding all layers still gives the exact codewords.
     """
-    hierarchy, level = _build(codebook, counts, sums, linkage, None, progress, None)
+    if unconstrained is None:
+        hierarchy, level = _build(codebook, counts, sums, linkage, None, progress, None)
+    else:  # no layer is constrained yet, so the node levels are not needed
+        hierarchy, level = unconstrained, None
     widths = resolve_bits(bits, hierarchy, num_layers, cut)
     num_codes = codebook.shape[0]
     leaf_count = hierarchy.count[:num_codes]
