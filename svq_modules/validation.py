@@ -2,10 +2,57 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence, Union
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_finite", "check_codebook", "check_indices", "check_vectors", "check_bits_list"]
+__all__ = [
+    "PROPOSALS",
+    "MAX_LAYER_BITS",
+    "BitProposal",
+    "check_int",
+    "check_finite",
+    "check_codebook",
+    "check_indices",
+    "check_vectors",
+    "check_bits_list",
+    "check_bit_proposal",
+]
+
+#: named bit proposals (see :func:`svq_modules.layers.resolve_bits`)
+PROPOSALS = ("balanced_clusters", "balanced_values")
+#: the most bits one layer may take (2**24 cells: far more than any codebook needs)
+MAX_LAYER_BITS = 24
+
+BitProposal = Union[Sequence[int], int, str, Callable[..., Sequence[int]]]
+
+
+def check_int(value: Any, name: str, *, min: int | None = None, max: int | None = None) -> int:
+    """The one int-range check: ``value`` as a Python int in ``[min, max]``.
+
+    Accepts Python and NumPy ints and 0-d integer tensors (anything with
+    ``__index__``), never bools or floats. Raises ``ValueError`` naming the
+    argument, the value and the allowed range.
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be {_int_range(min, max)}, got {value!r}")
+    out = int(value.__index__())
+    if (min is not None and out < min) or (max is not None and out > max):
+        raise ValueError(f"{name} must be {_int_range(min, max)}, got {out}")
+    return out
+
+
+def _int_range(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"an int in [{lo}, {hi}]"
+    if lo == 1:
+        return "a positive int"
+    if lo is not None:
+        return f"an int >= {lo}"
+    if hi is not None:
+        return f"an int <= {hi}"
+    return "an int"
 
 
 def check_finite(t: Tensor, name: str) -> None:
@@ -62,12 +109,16 @@ def check_indices(indices: Tensor, num_codes: int, expected_len: int | None = No
     return indices.long()
 
 
-def check_bits_list(bits: list[int], name: str = "bits") -> list[int]:
-    """A non-empty list of positive ints."""
+def check_bits_list(bits: Any, name: str = "bits") -> list[int]:
+    """A non-empty list of ints in ``[1, MAX_LAYER_BITS]`` (a tensor or NumPy array works too)."""
+    if isinstance(bits, (str, bytes)):
+        raise ValueError(f"{name} must be a list of positive ints such as [4, 2, 2], got {bits!r}")
     try:
-        values = list(bits)
+        values = bits.tolist() if hasattr(bits, "tolist") else list(bits)
     except TypeError:
-        raise ValueError(f"{name} must be a list of positive ints, got {bits!r}") from None
+        raise ValueError(f"{name} must be a list of positive ints such as [4, 2, 2], got {bits!r}") from None
+    if not isinstance(values, list):
+        values = [values]
     if not values:
         raise ValueError(f"{name} is empty: need at least the base layer's bits")
     out = []
@@ -77,5 +128,60 @@ def check_bits_list(bits: list[int], name: str = "bits") -> list[int]:
         b = int(b)
         if b <= 0:
             raise ValueError(f"{name} must be positive ints (> 0): every layer needs at least 1 bit, got {b} in {values}")
+        if b > MAX_LAYER_BITS:
+            raise ValueError(f"{name}: {b} bits in one layer is more than any codebook needs (at most {MAX_LAYER_BITS}), got {values}")
         out.append(b)
     return out
+
+
+def check_bit_proposal(
+    bits: Any, num_layers: Any = None, *, need_num_layers: bool = True
+) -> tuple[list[int] | int | str | Callable[..., Sequence[int]], int | None]:
+    """The one bit-proposal check (module, functional API, Lightning, command line).
+
+    Args:
+        bits: a list/tuple of ints in ``[1, 24]`` (base layer first; a final
+            layer reaching every codeword is added), an int (that many bits per
+            layer), one of :data:`PROPOSALS`, or a callable
+            ``f(hierarchy, num_listed) -> list[int]``.
+        num_layers: L, total layers including the final one: an int >= 2, or
+            None. With a list it must equal ``len(bits) + 1``.
+        need_num_layers: whether anything but a list must come with
+            ``num_layers`` (True where buffer shapes depend on it, as in the
+            module; the functional API passes False: an int then repeats
+            until every leaf is reached, a name defaults to 5 layers).
+
+    Returns:
+        ``(bits, num_layers)``: a list of ints or the int / name / callable as
+        given, and L (``len(bits) + 1`` for a list, else ``num_layers``).
+
+    Raises:
+        ValueError: one line naming the argument, the value and what is allowed.
+    """
+    if num_layers is not None:
+        num_layers = check_int(num_layers, "num_layers (base layer + final layer at least)", min=2)
+    hint = f"expected a list of ints in [1, {MAX_LAYER_BITS}] such as [4, 2, 2, 2, 2], an int, one of {PROPOSALS} or a callable"
+    if bits is None or isinstance(bits, (bool, bytes)):
+        raise ValueError(f"bits={bits!r} is not a bit proposal; {hint}")
+    if isinstance(bits, str):
+        if bits not in PROPOSALS:
+            raise ValueError(f"bits={bits!r} is not a bit proposal; {hint}")
+    elif hasattr(bits, "__index__") and not (torch.is_tensor(bits) and bits.dim() > 0):
+        bits = check_bits_list([bits])[0]
+    elif callable(bits):
+        pass
+    else:
+        try:
+            bits = check_bits_list(bits)
+        except ValueError as e:
+            raise ValueError(f"{e}; {hint}") from None
+        if num_layers is not None and num_layers != len(bits) + 1:
+            raise ValueError(
+                f"bits={bits} make {len(bits) + 1} layers (the final layer is added) but num_layers={num_layers}"
+            )
+        return bits, len(bits) + 1
+    if num_layers is None and (need_num_layers or callable(bits)):
+        raise ValueError(
+            f"bits={bits!r} does not fix the number of layers: pass num_layers (an int >= 2, final layer included)"
+        )
+    return bits, num_layers
