@@ -34,7 +34,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the seed's progress bars
 import numpy as np
 import torch
 
-from svq_modules.bitstream import compress_layers, decompress_layers, read_header
+from svq_modules.coding import compress_layers, decompress_layers, read_header
 from svq_modules.hierarchy import build_hierarchy, code_statistics
 from svq_modules.layers import build_layers, decode_codes, encode_indices, node_log2_prob
 

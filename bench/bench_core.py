@@ -92,7 +92,7 @@ def layer_mse(decode_layer, layers, x: np.ndarray) -> list[float]:
 
 
 def run_case(dataset: str, num_codes: int, use_seed: bool) -> dict:
-    from svq_modules.functional import decode_layer, encode_layers, encode_scalable
+    from svq_modules.compat.functional import decode_layer, encode_layers, encode_scalable
     from svq_modules.layers import layer_rates
 
     x = DATASETS[dataset]()
@@ -142,7 +142,7 @@ def decode_layer_all(decode_layer, layers):
 
 def large_child(num_codes: int, dim: int, num_vectors: int) -> None:
     """Child process: synthetic Gaussian-mixture codebook, time and peak RSS of encode_layers."""
-    from svq_modules.functional import encode_layers
+    from svq_modules.compat.functional import encode_layers
 
     gen = torch.Generator().manual_seed(0)
     num_components = 256

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from svq_modules.quantizer import ScalableVQ  # noqa: E402
+from svq_modules.nn import ScalableVQ  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

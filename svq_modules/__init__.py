@@ -1,6 +1,6 @@
 """ScalableVQ: scalable (layered, progressive) vector quantization for PyTorch."""
 
-from .bitstream import BitstreamError
+from .coding import BitstreamError
 from .hierarchy import Hierarchy, build_hierarchy, code_statistics
 from .layers import (
     LayerRates,
@@ -12,7 +12,7 @@ from .layers import (
     reconstruct,
     resolve_bits,
 )
-from .quantizer import ScalableVQ, VQOutput
+from .nn import ScalableVQ, VQOutput
 
 __version__ = "0.1.0"
 

@@ -152,13 +152,13 @@ def visualize_layers(
     Two ways to call it:
 
     * ``visualize_layers(layers, data=None, path="layers.png")`` with the
-      ``list[Layer]`` of :func:`svq_modules.functional.encode_layers`: panel l
+      ``list[Layer]`` of :func:`svq_modules.compat.functional.encode_layers`: panel l
       colours each vector by its node after layer l (``data`` ``[N, D]``: the
       encoded vectors; without it the codewords are drawn, coloured by the
       node holding them).
     * seed style, ``visualize_layers(cluster_centers, layerized_cluster_centers,
       cluster_tree, data=None, quantized_data=None, path=...)`` with what
-      :func:`svq_modules.functional.build_layers` returns: panels cut the tree
+      :func:`svq_modules.compat.functional.build_layers` returns: panels cut the tree
       every ``levels_per_panel`` levels below its roots (a leaf shallower than
       the cut keeps its own colour). ``data`` + ``quantized_data`` draw the
       data instead of the codewords.
@@ -206,10 +206,10 @@ def _visualize_layer_list(
     dpi: int,
     seed: int,
 ) -> Figure:
-    from .functional import Layer, decode_layer, encode_known_layers, layer_codebook
+    from .compat.functional import Layer, decode_layer, encode_known_layers, layer_codebook
 
     if not layers or not all(isinstance(layer, Layer) for layer in layers):
-        raise ValueError("visualize_layers needs a non-empty list of svq_modules.functional.Layer")
+        raise ValueError("visualize_layers needs a non-empty list of svq_modules.compat.functional.Layer")
     if data is None:
         points = layer_codebook(layers)
         arange = torch.arange(points.shape[0], device=points.device)

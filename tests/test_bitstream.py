@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from svq_modules.bitstream import (
+from svq_modules.coding.stream import (
     MAGIC,
     BitstreamError,
     branch_prob_q16,
@@ -28,7 +28,7 @@ from svq_modules.bitstream import (
     model_fingerprint,
     read_header,
 )
-from svq_modules.container import atomic_write, pack_container, read_container, unpack_container, write_container
+from svq_modules.coding.container import atomic_write, pack_container, read_container, unpack_container, write_container
 from svq_modules.hierarchy import build_hierarchy, code_statistics
 from svq_modules.layers import (
     build_layers,
@@ -222,7 +222,7 @@ def test_fingerprint_is_stable_across_reload_and_dtype(model):
 
 
 def test_fingerprint_after_state_dict_reload():
-    from svq_modules.quantizer import ScalableVQ
+    from svq_modules.nn import ScalableVQ
 
     torch.manual_seed(0)
     x, h, t, idx = make_model(2, n=600)
@@ -321,7 +321,7 @@ def test_invalid_raw_symbol_is_rejected():
         act = codes[layer] >= 0
         odd = act & (g[layer] < (1 << width[layer])) & (g[layer] > 1)
         if odd.any():
-            from svq_modules.bitstream import _pack_raw
+            from svq_modules.coding.stream import _pack_raw
 
             sym = codes[layer][act].numpy().copy()
             i = int(odd[act].nonzero()[0])
@@ -564,7 +564,7 @@ def test_cli_round_trip(tmp_path):
     assert approx.shape == (1500, 3)
 
     # the same decode in-process, with the model stored in the file
-    from svq_modules.__main__ import load_model
+    from svq_modules.cli.main import load_model
 
     vq = load_model(model_file)
     container = read_container(svq)

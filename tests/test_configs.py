@@ -139,7 +139,7 @@ def test_resolved_proposal_builds_the_model(overrides):
     (["bits=null"], "None"),
     (["bits=[4,2.5]"], "ints"),
     (["bits=[4,true]"], "ints"),
-    (["bits=[40]"], "max 24"),
+    (["bits=[40]"], "at most 24"),
     (["proposal=fixed", "proposal.num_layers=null"], "num_layers"),
     (["proposal=fixed", "proposal.bits=0"], ">= 1"),
     (["proposal=balanced_clusters", "proposal.num_layers=1"], "num_layers"),

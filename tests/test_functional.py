@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from svq_modules.functional import (
+from svq_modules.compat.functional import (
     ClusterTree,
     Layer,
     build_layers,
@@ -380,7 +380,7 @@ def test_decode_errors():
     bad = Layer(**{**layers[1].__dict__, "codes": layers[1].codes.clone().fill_(7)})
     with pytest.raises(ValueError, match="invalid code 7"):
         decode_layer(bad, context)
-    with pytest.raises(ValueError, match="must be a svq_modules.functional.Layer"):
+    with pytest.raises(ValueError, match="must be a svq_modules.compat.functional.Layer"):
         decode_layer("layer0", None)
     with pytest.raises(ValueError, match="empty"):
         decode_layers([])

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from svq_modules.quantizer import ScalableVQ, VQOutput
+from svq_modules.nn import ScalableVQ, VQOutput
 
 
 def mixture(seed: int, n: int = 4096, k: int = 16, d: int = 4, sep: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Lightning integration of :class:`~svq_modules.quantizer.ScalableVQ`.
+"""Lightning integration of :class:`~svq_modules.nn.ScalableVQ`.
 
 * data modules: :class:`SampleImagesDataModule` (scikit-learn's embedded sample images,
   the default of ``python train.py``), :class:`ImageFolderDataModule` (your images),

@@ -1,4 +1,4 @@
-"""LightningModules with a :class:`~svq_modules.quantizer.ScalableVQ` inside.
+"""LightningModules with a :class:`~svq_modules.nn.ScalableVQ` inside.
 
 * :class:`ScalableVQAutoencoder` -- a small convolutional autoencoder for RGB images
   whose bottleneck is a ScalableVQ (channel-first ``[B, D, h, w]`` latents).
@@ -156,7 +156,7 @@ def _plain(value: Any) -> Any:
 
 
 def _scalable_vq_class():
-    from svq_modules.quantizer import ScalableVQ
+    from svq_modules.nn import ScalableVQ
 
     return ScalableVQ
 

@@ -2,7 +2,7 @@
 
 A user of the ``scalablevq`` package switches by changing the import::
 
-    from svq_modules.functional import encode_layers, decode_layer
+    from svq_modules.compat.functional import encode_layers, decode_layer
 
     layers = encode_layers(data, quantized_data, cluster_centers, [4, 2, 2, 2, 2])
     context = None
@@ -38,12 +38,12 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import layers as _core_layers
-from .hierarchy import Hierarchy, build_hierarchy, code_statistics
-from .refine import build_refined
-from .layers import LayerTables, symbol_bits
-from .tree import node_depth, scan_to_marked
-from .validation import check_bits_list, check_codebook, check_indices, check_vectors
+from .. import layers as _core_layers
+from ..hierarchy import Hierarchy, build_hierarchy, code_statistics
+from ..refine import build_refined
+from ..layers import LayerTables, symbol_bits
+from ..tree import node_depth, scan_to_marked
+from ..validation import check_bits_list, check_codebook, check_indices, check_vectors
 
 __all__ = [
     "Layer",
@@ -552,7 +552,7 @@ def decode_layer(layer: Layer, context: DecodingContext | None = None) -> tuple[
         symbol outside its group.
     """
     if not isinstance(layer, Layer):
-        raise ValueError(f"layer must be a svq_modules.functional.Layer, got {type(layer).__name__}")
+        raise ValueError(f"layer must be a svq_modules.compat.functional.Layer, got {type(layer).__name__}")
     device = layer.cluster_centers.device
     if context is None:
         num_vectors = layer.num_vectors
@@ -819,6 +819,6 @@ def _kept_merges(hierarchy: Hierarchy, final: int) -> Tensor:
 
 def visualize_layers(*args: Any, **kwargs: Any):
     """Draw layers to a PNG with matplotlib; see :func:`svq_modules.plotting.visualize_layers`."""
-    from .plotting import visualize_layers as _visualize
+    from ..plotting import visualize_layers as _visualize
 
     return _visualize(*args, **kwargs)

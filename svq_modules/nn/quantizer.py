@@ -61,13 +61,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed as svq_dist
-from .bitstream import compress_layers, decompress_layers
-from .refine import build_refined
-from .validation import check_bits_list
-from .hierarchy import LINKAGES, Hierarchy, build_hierarchy, code_statistics
-from .layers import CUTS, PROPOSALS, LayerRates, LayerTables, build_layers, decode_codes, encode_indices, layer_rates
-from .layers import reconstruct as _reconstruct_layers
+from .. import distributed as svq_dist
+from ..coding import compress_layers, decompress_layers
+from ..refine import build_refined
+from ..validation import check_bits_list
+from ..hierarchy import LINKAGES, Hierarchy, build_hierarchy, code_statistics
+from ..layers import CUTS, PROPOSALS, LayerRates, LayerTables, build_layers, decode_codes, encode_indices, layer_rates
+from ..layers import reconstruct as _reconstruct_layers
 
 __all__ = ["ScalableVQ", "VQOutput"]
 

@@ -54,9 +54,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy
-from .layers import LayerTables
-from .tree import node_depth, scan_to_marked
+from ..hierarchy import Hierarchy
+from ..layers import LayerTables
+from ..tree import node_depth, scan_to_marked
 
 __all__ = [
     "BitstreamError",

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
-from .bitstream import _CRC, BitstreamError, _as_bytes, _parse, read_header
+from .stream import _CRC, BitstreamError, _as_bytes, _parse, read_header
 
 __all__ = [
     "CONTAINER_MAGIC",

@@ -1,0 +1,1 @@
+"""Seed-compatible functional API (``scalablevq`` call conventions) and its visualisation."""
