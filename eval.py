@@ -38,12 +38,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     quiet_warnings()
     import lightning as L
+    import torch
     from hydra.utils import instantiate
 
     from svq_modules.lightning.callbacks import HierarchyUpdateCallback, RateDistortionCallback
     from svq_modules.lightning.modules import load_lit_module
-
-    import torch
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     meta = torch.load(str(ckpt), map_location="cpu", weights_only=True)

@@ -139,7 +139,7 @@ def instantiate_list(node: DictConfig | None) -> list[Any]:
     out = []
     if not node:
         return out
-    for name, conf in node.items():
+    for _name, conf in node.items():
         if isinstance(conf, DictConfig) and "_target_" in conf:
             out.append(instantiate(conf))
     return out

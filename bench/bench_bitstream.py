@@ -138,7 +138,8 @@ def run(name: str, x: np.ndarray, repeat: int, with_seed: bool) -> list[str]:
     id_bits = math.ceil(math.log2(2 * K - 1))
 
     out = [f"### {name}: N={n}, D={x.shape[1]}, K={K}, bits {BITS} (+ final layer), {num_symbols} symbols in {L} layers", ""]
-    header = "| layer | symbols | ideal B | entropy payload B | overhead | header+CRC B | raw payload B | seed codes+ids B | MSE ours | MSE seed | <=1% (+8 B) |"
+    header = ("| layer | symbols | ideal B | entropy payload B | overhead | header+CRC B | raw payload B "
+              "| seed codes+ids B | MSE ours | MSE seed | <=1% (+8 B) |")
     out += [header, "|" + "|".join(["---"] * 11) + "|"]
     cum = {"ideal": 0.0, "ent": 0, "chunk": 0, "raw": 0, "seed": 0}
     all_ok = True
@@ -192,7 +193,7 @@ def run(name: str, x: np.ndarray, repeat: int, with_seed: bool) -> list[str]:
         ("raw encode", num_symbols / raw_enc_t, None),
         ("raw decode", num_symbols / raw_dec_t, None),
     ]
-    out += ["| throughput | warm (best of %d) | cold (first call) | >= 5 M/s |" % repeat, "|---|---|---|---|"]
+    out += [f"| throughput | warm (best of {repeat}) | cold (first call) | >= 5 M/s |", "|---|---|---|---|"]
     for label, warm, cold in rows:
         out.append(f"| {label} | {fmt_rate(warm)} | {fmt_rate(cold) if cold else '-'} | {'PASS' if warm >= 5e6 else 'MISS'} |")
     out.append("")

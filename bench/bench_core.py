@@ -58,12 +58,12 @@ import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
     DATASETS,
+    current_rss_mib,
     drop_empty,
     entropy_bits,
     flat_kmeans_mse,
     kmeans,
     markdown_table,
-    current_rss_mib,
     peak_rss_mib,
     quiet_stderr,
     reset_peak_rss,
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
               out["peak_rss_mib"], out["rss_before_mib"], f"< {LARGE_PEAK_MIB:.0f} MiB",
               verdict(out["peak_rss_mib"] < LARGE_PEAK_MIB)]],
         ))
-        how = "VmHWM after resetting it before the build" if out.get("peak_reset") else "VmHWM (not resettable: whole child lifetime)"
+        how = ("VmHWM after resetting it before the build" if out.get("peak_reset")
+               else "VmHWM (not resettable: whole child lifetime)")
         print(f"\npeak RSS = {how}, whole child process (python, torch, data included); {out['threads']} torch threads.")
 
 

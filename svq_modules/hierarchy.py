@@ -127,10 +127,10 @@ class Hierarchy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, tensors: dict[str, Tensor]) -> "Hierarchy":
+    def from_dict(cls, tensors: dict[str, Tensor]) -> Hierarchy:
         return cls(**{f.name: tensors[f.name] for f in fields(cls)})
 
-    def to(self, *args, **kwargs) -> "Hierarchy":
+    def to(self, *args, **kwargs) -> Hierarchy:
         """Move float tensors like ``Tensor.to``; index tensors keep int64."""
         moved = {}
         for name, t in self.as_dict().items():

@@ -29,8 +29,9 @@ decisions down the tree, conditioned on the parent node.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -104,10 +105,10 @@ class LayerTables:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, tensors: dict[str, Tensor]) -> "LayerTables":
+    def from_dict(cls, tensors: dict[str, Tensor]) -> LayerTables:
         return cls(**{f.name: tensors[f.name] for f in fields(cls)})
 
-    def to(self, device: torch.device | str) -> "LayerTables":
+    def to(self, device: torch.device | str) -> LayerTables:
         return LayerTables(**{k: v.to(device) for k, v in self.as_dict().items()})
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,10 @@ def project_points(points: Tensor, *others: Tensor) -> tuple[np.ndarray, ...]:
     if dim <= 3:
         return (pts.numpy(), *(o.numpy() for o in rest))
     mean = pts.mean(0, keepdim=True)
-    sample = pts if pts.shape[0] <= 50_000 else pts[torch.randperm(pts.shape[0], generator=torch.Generator().manual_seed(0))[:50_000]]
+    if pts.shape[0] <= 50_000:
+        sample = pts
+    else:
+        sample = pts[torch.randperm(pts.shape[0], generator=torch.Generator().manual_seed(0))[:50_000]]
     _, _, vt = torch.linalg.svd(sample - mean, full_matrices=False)
     basis = vt[:2].T
     return (((pts - mean) @ basis).numpy(), *(((o - mean) @ basis).numpy() for o in rest))

@@ -6,7 +6,7 @@ Every function takes ``parent: [M] int64`` (-1 at the root) and runs in
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -129,7 +130,9 @@ def check_bits_list(bits: Any, name: str = "bits") -> list[int]:
         if b <= 0:
             raise ValueError(f"{name} must be positive ints (> 0): every layer needs at least 1 bit, got {b} in {values}")
         if b > MAX_LAYER_BITS:
-            raise ValueError(f"{name}: {b} bits in one layer is more than any codebook needs (at most {MAX_LAYER_BITS}), got {values}")
+            raise ValueError(
+                f"{name}: {b} bits in one layer is more than any codebook needs (at most {MAX_LAYER_BITS}), got {values}"
+            )
         out.append(b)
     return out
 

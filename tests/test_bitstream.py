@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from svq_modules.coding.container import atomic_write, pack_container, read_container, unpack_container, write_container
 from svq_modules.coding.stream import (
     MAGIC,
     BitstreamError,
@@ -28,7 +29,6 @@ from svq_modules.coding.stream import (
     model_fingerprint,
     read_header,
 )
-from svq_modules.coding.container import atomic_write, pack_container, read_container, unpack_container, write_container
 from svq_modules.hierarchy import build_hierarchy, code_statistics
 from svq_modules.layers import (
     build_layers,
@@ -342,7 +342,7 @@ def test_crafted_payloads_and_embedded_sections_are_rejected(model):
     rng = np.random.default_rng(0)
     for layer in range(t.num_layers):
         hdr = read_header(chunks[layer])
-        for trial in range(5):  # random words of the right count: never a silent decode
+        for _trial in range(5):  # random words of the right count: never a silent decode
             words = rng.integers(1, 2**32, size=max(1, hdr.payload_len // 4), dtype=np.uint64).astype("<u4")
             bad = with_section(chunks[layer], payload=words.tobytes())
             with pytest.raises(BitstreamError):
@@ -576,7 +576,9 @@ def test_cli_round_trip(tmp_path):
 
     # external model + self-contained chunks: decodes with --model, and without any model
     svq2 = tmp_path / "ext.svq"
-    r = run("compress", str(src), "-o", str(svq2), "--model", str(model_file), "--coding", "raw", "--embed-centers", "float32", "-q")
+    r = run(
+        "compress", str(src), "-o", str(svq2), "--model", str(model_file), "--coding", "raw", "--embed-centers", "float32", "-q"
+    )
     assert r.returncode == 0, r.stderr
     assert read_container(svq2).model is None
     out2 = tmp_path / "approx2.npy"

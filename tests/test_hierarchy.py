@@ -108,7 +108,7 @@ def test_unit_weight_ward_matches_scipy():
     Z = hierarchy_mod.linkage(codebook.numpy(), method="ward")
     members = {i: frozenset([i]) for i in range(K)}
     ref = []
-    for i, (a, b, height, _) in enumerate(Z):
+    for i, (a, b, _height, _) in enumerate(Z):
         members[K + i] = members[int(a)] | members[int(b)]
         ref.append(members[K + i])
     assert set(m for m, _ in tree_merges(h)) == set(ref)

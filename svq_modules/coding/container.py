@@ -13,8 +13,9 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from .stream import _CRC, BitstreamError, _as_bytes, _parse, read_header
 

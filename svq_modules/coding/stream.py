@@ -47,8 +47,9 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -340,7 +341,7 @@ def _opened_layer(hierarchy: Hierarchy, tables: LayerTables) -> np.ndarray:
     return out.numpy()
 
 
-_CACHE: "OrderedDict[bytes, _Codec]" = OrderedDict()
+_CACHE: OrderedDict[bytes, _Codec] = OrderedDict()
 _CACHE_SIZE = 4
 _CACHE_LOCK = threading.Lock()
 
@@ -532,7 +533,9 @@ def _leaf_steps(codec: _Codec, layer: int, k: int) -> tuple[list[np.ndarray], li
     return codec._leaf_steps[key]
 
 
-def _encode_steps(codec: _Codec, k: int, leaves: np.ndarray, symbols: list[np.ndarray], nodes: list[np.ndarray], steps: np.ndarray) -> bytes:
+def _encode_steps(
+    codec: _Codec, k: int, leaves: np.ndarray, symbols: list[np.ndarray], nodes: list[np.ndarray], steps: np.ndarray
+) -> bytes:
     """ANS-code the steps of the active vectors (``leaves [S]`` = their codewords, in vector order)."""
     import constriction
 
@@ -878,7 +881,9 @@ def _local_codec(chunks: list[_Chunk], first: ChunkHeader) -> _Codec:
     for layer, c in enumerate(chunks):
         what = f"chunk {layer}"
         if c.header.embed is None:
-            raise BitstreamError(f"{what} carries no embedded model data: decoding without the model needs a self-contained stream")
+            raise BitstreamError(
+                f"{what} carries no embedded model data: decoding without the model needs a self-contained stream"
+            )
         dtype = _EMBED_NUMPY[EMBED_DTYPES[c.header.embed]]
         emb = c.embed
         if len(emb) < _EMBED_HEAD.size:

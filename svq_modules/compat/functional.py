@@ -32,16 +32,17 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import layers as _core_layers
 from ..hierarchy import Hierarchy, build_hierarchy, code_statistics
-from ..refine import build_refined
 from ..layers import LayerTables, symbol_bits
+from ..refine import build_refined
 from ..tree import node_depth, scan_to_marked
 from ..validation import check_bits_list, check_codebook, check_indices, check_vectors
 
@@ -136,7 +137,7 @@ class Layer:
         """Alias of :attr:`node_ids` (the seed stores its own node identifiers here)."""
         return self.node_ids
 
-    def to(self, device: torch.device | str) -> "Layer":
+    def to(self, device: torch.device | str) -> Layer:
         """Copy of the layer on ``device``."""
         return Layer(
             codes=self.codes.to(device),

@@ -28,8 +28,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.regression import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics.regression import MeanSquaredError
 
 from .modules import quantizer_modules, refresh_hierarchy_in_checkpoint
 

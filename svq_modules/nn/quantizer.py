@@ -55,7 +55,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +64,11 @@ from torch import Tensor, nn
 
 from .. import distributed as svq_dist
 from ..coding import compress_layers, decompress_layers
-from ..refine import build_refined
-from ..validation import check_bits_list
 from ..hierarchy import LINKAGES, Hierarchy, build_hierarchy, code_statistics
 from ..layers import CUTS, PROPOSALS, LayerRates, LayerTables, build_layers, decode_codes, encode_indices, layer_rates
 from ..layers import reconstruct as _reconstruct_layers
+from ..refine import build_refined
+from ..validation import check_bits_list
 
 __all__ = ["ScalableVQ", "VQOutput"]
 
@@ -769,7 +770,7 @@ class ScalableVQ(nn.Module):
         return self.cluster_size.clamp_min(0.0), self.embed_sum
 
     @torch.no_grad()
-    def update(self, progress: bool = False) -> "ScalableVQ":
+    def update(self, progress: bool = False) -> ScalableVQ:
         """Build the hierarchy and layer tables for the current codebook and store them in the buffers.
 
         Runs :func:`build_hierarchy` on ``(codebook, cluster_size, embed_sum)``
@@ -1003,7 +1004,7 @@ class ScalableVQ(nn.Module):
         *,
         build: bool = True,
         **kwargs: Any,
-    ) -> "ScalableVQ":
+    ) -> ScalableVQ:
         """Wrap a codebook learned elsewhere (e.g. by k-means or another VQ layer).
 
         Statistics for the hierarchy come from, in this order: ``counts`` (and
