@@ -204,3 +204,33 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+REPORT_DIR = REPO_ROOT / "docs" / "benchmarks"
+
+
+def write_report(name: str, title: str, body: str) -> Path:
+    """Write a benchmark's tables to ``docs/benchmarks/<name>.md`` (what the README links to).
+
+    ``body`` is the markdown the script printed; the page records the command,
+    the date, the machine and the library versions, so figures are never typed
+    by hand.
+    """
+    import datetime
+    import os
+    import platform
+    import sys
+
+    import torch
+
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    path = REPORT_DIR / f"{name}.md"
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
+    head = (
+        f"# {title}\n\n"
+        f"Written by `{cmd}` on {datetime.date.today().isoformat()}: "
+        f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), {platform.machine()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}. Do not edit by hand: rerun the script.\n\n"
+    )
+    path.write_text(head + body.rstrip() + "\n")
+    return path
