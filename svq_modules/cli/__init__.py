@@ -1,5 +1,6 @@
-"""Command line: ``python -m svq_modules compress | decompress | info``."""
+"""Command line: ``python -m svq_modules compress | decompress | info`` (see :mod:`svq_modules.cli.main`)."""
 
+from .errors import CLIError
 from .main import main
 
-__all__ = ["main"]
+__all__ = ["CLIError", "main"]

@@ -1,0 +1,209 @@
+"""The subcommands ``compress``, ``decompress`` and ``info``.
+
+Each command first checks every option and every file (inputs exist and are
+readable files of the right kind, outputs are file names with a supported suffix
+in writable directories, no output is an input), then loads, then works, and
+writes its outputs last, all or none (:func:`~svq_modules.cli.outputs.write_outputs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..arrays import ARRAY_SUFFIXES, load_array, save_array
+from ..coding import compress_layers, decompress_layers, read_header
+from ..coding.container import pack_container, read_container
+from ..validation import check_int, check_vectors
+from .errors import CLIError
+from .fit import FitOptions, check_fit_options, fit_model
+from .model_file import load_model, model_to_bytes, pack_model, unpack_model
+from .outputs import bytes_writer, write_outputs
+from .paths import check_distinct, check_input_file, check_output_file
+from .report import chunk_table, layer_summary
+
+__all__ = ["SVQ_SUFFIXES", "MODEL_SUFFIXES", "TRAINING_OPTIONS", "cmd_compress", "cmd_decompress", "cmd_info"]
+
+#: suffix of the files ``compress`` writes
+SVQ_SUFFIXES = (".svq",)
+#: suffixes of the model files ``compress --save-model`` writes
+MODEL_SUFFIXES = (".pt", ".pth")
+#: ``compress`` options that only apply when it trains a model: command-line name -> FitOptions field
+TRAINING_OPTIONS = {
+    "--codebook-size": "codebook_size",
+    "--bits": "bits",
+    "--epochs": "epochs",
+    "--iters": "iters",
+    "--batch-size": "batch_size",
+    "--kmeans-iters": "kmeans_iters",
+    "--seed": "seed",
+}
+
+
+def _load_vectors(path: Path, key: str | None, what: str) -> np.ndarray:
+    """The data array of ``compress``: ``[N, D]`` float (integer arrays are refused, not converted)."""
+    try:
+        arr = load_array(path, key)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    if np.issubdtype(arr.dtype, np.integer):
+        raise CLIError(
+            f"{what}: integer array (dtype {arr.dtype}); convert it to float first, e.g. np.save(path, x.astype(np.float32))"
+        )
+    if arr.ndim != 2:
+        raise CLIError(
+            f"{what}: expected an [N, D] array, got shape {list(arr.shape)}; reshape it to [N, D] first "
+            f"(e.g. x.reshape(-1, {arr.shape[-1]}) for vectors along the last axis)"
+        )
+    try:
+        check_vectors(torch.from_numpy(arr[:1]), name=what)  # dtype and shape (load_array checked the values)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return arr
+
+
+def _fit_options(args: argparse.Namespace) -> FitOptions:
+    """FitOptions from the parsed arguments; options not given keep their defaults."""
+    given = {field: getattr(args, field) for field in TRAINING_OPTIONS.values() if getattr(args, field) is not None}
+    if "bits" in given:
+        given["bits"] = tuple(given["bits"])
+    return FitOptions(quiet=args.quiet, **given)
+
+
+def _check_compress_options(args: argparse.Namespace) -> None:
+    """Option combinations of ``compress`` that cannot work or would be ignored."""
+    if args.model:
+        given = [name for name, field in TRAINING_OPTIONS.items() if getattr(args, field) is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)}: training options, but --model gives a trained model; drop them or --model")
+        if args.save_model:
+            raise CLIError("--save-model writes the model compress trains, but --model gives one; copy that file instead")
+    elif args.no_store_model and not (args.embed_centers or args.save_model):
+        raise CLIError("--no-store-model needs --embed-centers or --save-model, or the file could not be decoded")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """``compress``: [N, D] array -> ``.svq`` file (one function per kind of input; images will get theirs)."""
+    return compress_array(args)
+
+
+def compress_array(args: argparse.Namespace) -> int:
+    """Train (or load) a ScalableVQ on an ``[N, D]`` array and write its layered ``.svq`` file."""
+    # 1. options and files, before any work
+    _check_compress_options(args)
+    opts = _fit_options(args)
+    if not args.model:
+        check_fit_options(opts)  # values; K against N once the data is read
+    data = check_input_file(args.data, "", ARRAY_SUFFIXES)
+    inputs = [("", data)]
+    if args.model:
+        inputs.append(("--model", check_input_file(args.model, "--model")))
+    outputs = [("-o", check_output_file(args.output, "-o", SVQ_SUFFIXES))]
+    if args.save_model:
+        outputs.append(("--save-model", check_output_file(args.save_model, "--save-model", MODEL_SUFFIXES)))
+    check_distinct(inputs, outputs)
+
+    # 2. inputs
+    arr = _load_vectors(data, args.key, str(args.data))
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if args.model:
+        vq = load_model(inputs[1][1])
+        if vq.dim != x.shape[1]:
+            raise CLIError(f"--model {args.model}: the model is for D={vq.dim}, the data has D={x.shape[1]}")
+    else:
+        check_fit_options(opts, num_vectors=x.shape[0])
+
+    # 3. work
+    t0 = time.perf_counter()
+    vq = vq if args.model else fit_model(x, opts)
+    store_model = not args.model and not args.no_store_model
+    with torch.no_grad():
+        idx = vq.quantize(x)
+    chunks = compress_layers(vq.hierarchy, vq.tables, idx, coding=args.coding, embed_centers=args.embed_centers)
+    data_bytes = pack_container(chunks, pack_model(vq) if store_model else None)
+    text = None if args.quiet else layer_summary(chunks, decompress_layers(vq.hierarchy, vq.tables, chunks), arr)
+
+    # 4. outputs, all or none
+    writers = [(outputs[0][1], bytes_writer(data_bytes))]
+    if args.save_model:
+        writers.append((outputs[1][1], bytes_writer(model_to_bytes(vq))))
+    write_outputs(writers)
+    if text is not None:
+        print(text)
+        print(
+            f"wrote {args.output}: {len(data_bytes)} bytes ({sum(map(len, chunks))} in {len(chunks)} layer chunks"
+            f"{', model included' if store_model else ''}) in {time.perf_counter() - t0:.1f} s"
+        )
+    return 0
+
+
+def _decoder(args: argparse.Namespace, container: Any, model_path: Path | None) -> Any:
+    """The model decoding ``container``: ``--model``, else the file's own, else None (self-contained chunks)."""
+    if model_path is not None:
+        return load_model(model_path)
+    if container.model is not None:
+        return unpack_model(container.model, f"{args.input} (model section)")
+    if read_header(container.chunks[0]).embed is None:
+        raise CLIError(f"{args.input} references an external model (fingerprint {container.fingerprint.hex()}): pass --model")
+    return None
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    """``decompress``: the first ``--layers`` layers of a ``.svq`` file -> array file."""
+    # 1. options and files, before any work
+    if args.layers is not None:
+        try:
+            check_int(args.layers, "--layers", min=1)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    src = check_input_file(args.input)
+    inputs = [("", src)]
+    model_path = check_input_file(args.model, "--model") if args.model else None
+    ref_path = check_input_file(args.reference, "--reference", ARRAY_SUFFIXES) if args.reference else None
+    inputs += [(opt, p) for opt, p in (("--model", model_path), ("--reference", ref_path)) if p is not None]
+    if args.reference_key is not None and ref_path is None:
+        raise CLIError("--reference-key names an entry of the --reference file, but no --reference was given")
+    out = check_output_file(args.output, "-o", ARRAY_SUFFIXES)
+    check_distinct(inputs, [("-o", out)])
+
+    # 2. inputs
+    container = read_container(src, max_chunks=args.layers)
+    if args.layers is not None and args.layers > container.num_chunks:
+        raise CLIError(f"--layers {args.layers}: {args.input} holds {container.num_chunks} layers, cannot decode more")
+    vq = _decoder(args, container, model_path)
+    reference = None
+    if ref_path is not None:
+        try:
+            reference = load_array(ref_path, args.reference_key)
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(str(e)) from None
+
+    # 3. work
+    decoded = decompress_layers(None if vq is None else vq.hierarchy, None if vq is None else vq.tables, container.chunks)
+    approx = decoded.reconstruction().detach().cpu().float().numpy()
+    if reference is not None and tuple(reference.shape) != tuple(approx.shape):
+        raise CLIError(f"--reference {args.reference}: shape {list(reference.shape)}, the decoded data {list(approx.shape)}")
+    text = None if args.quiet else layer_summary(container.chunks, decoded, reference)
+
+    # 4. output
+    write_outputs([(out, lambda path: save_array(path, approx))])
+    if text is not None:
+        print(text)
+        print(f"wrote {args.output}: {list(approx.shape)} from {decoded.num_layers} of {container.num_chunks} layers")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``info``: the model section and the layer chunks of a ``.svq`` file."""
+    container = read_container(check_input_file(args.input))
+    model = f"included ({len(container.model)} bytes)" if container.model is not None else "external"
+    print(
+        f"{args.input}: {container.num_chunks} layer chunks, model fingerprint {container.fingerprint.hex()}, model {model}"
+    )
+    print(chunk_table(container.chunks))
+    return 0
