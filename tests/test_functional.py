@@ -328,14 +328,14 @@ def test_plot_rate_distortion(tmp_path):
     "mutate, match",
     [
         (lambda x, q, cb: (x.clone().fill_(float("nan")), q, cb, [4, 2]), "data contains NaN"),
-        (lambda x, q, cb: (x, q, torch.cat([cb[:-1], torch.full_like(cb[:1], float("inf"))]), [4, 2]), "codebook contains Inf"),
+        (lambda x, q, cb: (x, q, torch.cat([cb[:-1], torch.full_like(cb[:1], float("inf"))]), [4, 2]), "cluster_centers contains Inf"),
         (lambda x, q, cb: (x, q + cb.shape[0], cb, [4, 2]), "quantized_data out of range"),
         (lambda x, q, cb: (x, q - 1, cb, [4, 2]), "out of range"),
         (lambda x, q, cb: (x[:10], q, cb, [4, 2]), "entries but there are 10 vectors"),
         (lambda x, q, cb: (x[:, :2], q, cb, [4, 2]), "dimension 2, expected 3"),
         (lambda x, q, cb: (x[:0], q[:0], cb, [4, 2]), "data is empty"),
-        (lambda x, q, cb: (x, q.double(), cb, [4, 2]), "integer tensor"),
-        (lambda x, q, cb: (x, q, cb.long(), [4, 2]), "floating point"),
+        (lambda x, q, cb: (x, q.double(), cb, [4, 2]), "quantized_data must hold integer"),
+        (lambda x, q, cb: (x, q, cb.long(), [4, 2]), "cluster_centers must hold floats"),
         (lambda x, q, cb: (x, q, cb, [4, 0, 2]), "> 0"),
         (lambda x, q, cb: (x, q, cb, [-4, 2]), "> 0"),
         (lambda x, q, cb: (x, q, cb, []), "empty"),
@@ -361,7 +361,7 @@ def test_bad_bit_arguments():
         encode_layers(x, q, cb, torch.tensor([4.0, 2.0]))
     with pytest.raises(ValueError, match="base layer's width too"):
         encode_layers(x, q, cb, 4, "balanced_values")
-    with pytest.raises(ValueError, match="unknown bit proposal"):
+    with pytest.raises(ValueError, match="n_bits_proposal: bits='nope' is not a bit proposal"):
         encode_layers(x, q, cb, None, "nope")
     with pytest.raises(ValueError, match="n_bit_limit"):
         encode_layers(x, q, cb, [4, 2], n_bit_limit=3)
@@ -380,7 +380,7 @@ def test_decode_errors():
     bad = Layer(**{**layers[1].__dict__, "codes": layers[1].codes.clone().fill_(7)})
     with pytest.raises(ValueError, match="invalid code 7"):
         decode_layer(bad, context)
-    with pytest.raises(ValueError, match="must be a svq_modules.compat.functional.Layer"):
+    with pytest.raises(ValueError, match="layer must be a Layer"):
         decode_layer("layer0", None)
     with pytest.raises(ValueError, match="empty"):
         decode_layers([])
