@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from .stream import _CRC, BitstreamError, _as_bytes, _parse, read_header
+from ..validation import check_int
+from .chunk import CRC_FIELD, BitstreamError, as_bytes, check_sequence, parse_chunk
 
 __all__ = [
     "CONTAINER_MAGIC",
@@ -47,35 +48,58 @@ class Container(NamedTuple):
 
 
 def pack_container(chunks: Sequence[bytes], model: bytes | None = None) -> bytes:
-    """``.svq`` bytes: header + CRC, optional model section + CRC, then the chunks, each after its u64 length."""
-    chunks = [bytes(c) for c in chunks]
-    if not chunks:
+    """``.svq`` bytes: header + CRC, optional model section + CRC, then the chunks, each after its u64 length.
+
+    Args:
+        chunks: layers ``0..n-1`` of one stream (checked like a decoder checks them,
+            so a file that could not be read is never written).
+        model: the serialized model section, or None (the file then references
+            an external model by the chunks' fingerprint).
+
+    Raises:
+        ValueError: no chunks, a model section that is not bytes.
+        BitstreamError: a chunk that is not valid or not part of one stream.
+    """
+    if isinstance(chunks, (bytes, bytearray, memoryview, str)):
+        raise ValueError("chunks must be a sequence of per-layer byte strings, not a single bytes object")
+    if model is not None and not isinstance(model, (bytes, bytearray, memoryview)):
+        raise ValueError(f"model must be bytes or None, got {type(model).__name__}")
+    views = [as_bytes(c, f"chunk {i}") for i, c in enumerate(chunks)]
+    if not views:
         raise ValueError("a container needs at least one chunk")
-    fp = read_header(chunks[0]).fingerprint
+    first = check_sequence([parse_chunk(c, f"chunk {i}") for i, c in enumerate(views)])
+    model = None if model is None else bytes(model)
     head = _CONTAINER_HEAD.pack(
-        CONTAINER_MAGIC, CONTAINER_VERSION, 1 if model is not None else 0, 0, len(chunks), len(model or b""), fp
+        CONTAINER_MAGIC, CONTAINER_VERSION, 1 if model is not None else 0, 0, len(views), len(model or b""), first.fingerprint
     )
-    parts = [head, _CRC.pack(zlib.crc32(head))]
+    parts = [head, CRC_FIELD.pack(zlib.crc32(head))]
     if model is not None:
-        parts += [model, _CRC.pack(zlib.crc32(model))]
-    for c in chunks:
-        parts += [_LEN.pack(len(c)), c]
+        parts += [model, CRC_FIELD.pack(zlib.crc32(model))]
+    for c in views:
+        parts += [_LEN.pack(len(c)), bytes(c)]
     return b"".join(parts)
 
 
 def unpack_container(data: bytes, max_chunks: int | None = None) -> Container:
     """Parse ``.svq`` bytes; with ``max_chunks`` only the first chunks are needed (a truncated tail is fine).
 
+    Each chunk read is checked on its own (:func:`~.chunk.parse_chunk`) and must
+    carry the fingerprint of the file header; the order of the chunks is checked
+    by the decoder.
+
     Raises:
+        ValueError: ``max_chunks`` not a positive int.
         BitstreamError: bad magic, version or CRC, truncated or trailing bytes.
     """
-    view = _as_bytes(data, "container")
+    if max_chunks is not None:
+        max_chunks = check_int(max_chunks, "max_chunks", min=1)
+    view = as_bytes(data, "container")
     hs = _CONTAINER_HEAD.size
     if bytes(view[:4]) != CONTAINER_MAGIC:
         raise BitstreamError(f"not a .svq file: bad magic {bytes(view[:4])!r} (expected {CONTAINER_MAGIC!r})")
     if len(view) < hs + 4:
         raise BitstreamError("truncated .svq file: incomplete header")
-    (crc,) = _CRC.unpack_from(view, hs)
+    (crc,) = CRC_FIELD.unpack_from(view, hs)
     if crc != zlib.crc32(view[:hs]):
         raise BitstreamError(".svq header CRC32 mismatch: corrupt file")
     _m, version, flags, reserved, num_chunks, model_len, fp = _CONTAINER_HEAD.unpack_from(view, 0)
@@ -93,11 +117,11 @@ def unpack_container(data: bytes, max_chunks: int | None = None) -> Container:
         if len(view) < pos + model_len + 4:
             raise BitstreamError("truncated .svq file: model section incomplete")
         model = bytes(view[pos : pos + model_len])
-        (mcrc,) = _CRC.unpack_from(view, pos + model_len)
+        (mcrc,) = CRC_FIELD.unpack_from(view, pos + model_len)
         if mcrc != zlib.crc32(model):
             raise BitstreamError(".svq model section CRC32 mismatch: corrupt file")
         pos += model_len + 4
-    want = num_chunks if max_chunks is None else max(1, min(num_chunks, max_chunks))
+    want = num_chunks if max_chunks is None else min(num_chunks, max_chunks)
     chunks = []
     for i in range(want):
         if len(view) < pos + _LEN.size:
@@ -111,7 +135,7 @@ def unpack_container(data: bytes, max_chunks: int | None = None) -> Container:
     if want == num_chunks and pos != len(view):
         raise BitstreamError(f".svq file has {len(view) - pos} unexpected bytes after its last chunk")
     for i, c in enumerate(chunks):
-        if _parse(c, f".svq chunk {i}").header.fingerprint != bytes(fp):
+        if parse_chunk(c, f".svq chunk {i}").header.fingerprint != bytes(fp):
             raise BitstreamError(f".svq chunk {i} belongs to another model than the file header says")
     return Container(chunks=chunks, model=model, fingerprint=bytes(fp), num_chunks=num_chunks)
 
