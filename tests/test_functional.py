@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ from svq_modules.compat.functional import (
     visualize_layers,
 )
 from svq_modules.layers import encode_indices
-from svq_modules.plotting import plot_rate_distortion
+from svq_modules.plotting import plot_point_panels, plot_rate_distortion
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -309,16 +310,88 @@ def test_plot_rate_distortion(tmp_path):
         {"ours": [(4, 2e-3), (6, 7e-4), (8, 3e-4)], "seed": torch.tensor([[4, 3e-3], [6, 1e-3]])}, path
     )
     assert path.read_bytes()[:8] == PNG_MAGIC
-    assert fig.axes[0].get_yscale() == "log"
-    assert len(fig.axes[0].get_lines()) == 2
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "MSE" and ax.get_xlabel() == "bits per vector"
+    assert [line.get_label() for line in ax.get_lines()] == ["ours", "seed"]
     fig = plot_rate_distortion([[(4, 30.0), (6, 33.0)]], metric="psnr")
-    assert fig.axes[0].get_yscale() == "linear"
+    assert fig.axes[0].get_yscale() == "linear" and fig.axes[0].get_ylabel() == "PSNR (dB)"
     with pytest.raises(ValueError, match="empty"):
         plot_rate_distortion({})
     with pytest.raises(ValueError, match="pairs"):
         plot_rate_distortion({"bad": [1, 2, 3]})
     with pytest.raises(ValueError, match="NaN"):
         plot_rate_distortion({"bad": [(1, float("nan"))]})
+
+
+def test_plot_rate_distortion_layers_and_peers(tmp_path):
+    """What an RD callback / benchmark draws: our per-layer points annotated, peers, bpp, PSNR, styles."""
+    ours = np.array([[0.9, 31.0], [0.3, 24.0], [0.6, 28.0]])  # given out of rate order
+    path = tmp_path / "sub" / "rd_bpp.png"  # missing folders are created
+    fig = plot_rate_distortion(
+        {"ScalableVQ": ours, "k-means": [(0.3, 24.5), (0.9, 31.5)], "RVQ": torch.tensor([[0.5, 26.0], [1.0, 30.0]])},
+        path,
+        rate="bpp",
+        metric="psnr",
+        annotations={"ScalableVQ": True, "k-means": ["K=8", "K=512"]},
+        styles={"RVQ": {"linestyle": "--", "color": "k"}},
+        title="china.jpg",
+    )
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "bits per pixel" and ax.get_ylabel() == "PSNR (dB)" and ax.get_title() == "china.jpg"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["ScalableVQ", "k-means", "RVQ"]
+    assert lines["ScalableVQ"].get_xdata().tolist() == [0.3, 0.6, 0.9]  # joined in rate order
+    assert lines["RVQ"].get_linestyle() == "--"
+    # layer numbers follow the order the points were given, each at its own point
+    texts = {t.get_text(): t.xy for t in ax.texts}
+    assert texts == {"L0": (0.9, 31.0), "L1": (0.3, 24.0), "L2": (0.6, 28.0), "K=8": (0.3, 24.5), "K=512": (0.9, 31.5)}
+    with pytest.raises(ValueError, match=r"annotations\['ScalableVQ'\] has 2 texts"):
+        plot_rate_distortion({"ScalableVQ": ours}, annotations={"ScalableVQ": ["a", "b"]})
+    with pytest.raises(ValueError, match="annotations names series \\['peer'\\]"):
+        plot_rate_distortion({"ScalableVQ": ours}, annotations={"peer": True})
+    with pytest.raises(ValueError, match="logy=False"):
+        plot_rate_distortion({"lossless": [(1, 0.1), (8, 0.0)]})  # MSE 0 on a log axis
+
+
+def test_plotting_imports_nothing_of_the_package():
+    """plotting.py draws plain arrays: no import of svq_modules (top level or inside functions)."""
+    import ast
+    import importlib.util
+
+    source = open(importlib.util.find_spec("svq_modules.plotting").origin).read()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." if node.level else node.module.split(".")[0])
+    assert imported <= {"__future__", "math", "os", "collections", "pathlib", "typing", "numpy", "torch", "matplotlib"}
+
+
+def test_plot_point_panels_from_plain_arrays(tmp_path):
+    points = np.random.default_rng(0).normal(size=(300, 2))
+    keys = [np.zeros(300, dtype=int), (points[:, 0] > 0).astype(int)]
+    path = tmp_path / "panels.png"
+    fig = plot_point_panels(points, keys, [points[:1], points[:2]], ["one group", "two groups"], path=path, dpi=30)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert [ax.get_title() for ax in fig.axes] == ["one group", "two groups"]
+    colors = fig.axes[1].collections[0].get_facecolors()[:, :3]
+    right = keys[1] == 1
+    assert len({tuple(c) for c in colors[right]}) == 1 and len({tuple(c) for c in colors[~right]}) == 1
+    assert not np.allclose(colors[right][0], colors[~right][0])
+    with pytest.raises(ValueError, match=r"panel_keys\[1\] must be \[N\]"):
+        plot_point_panels(points, [keys[0], keys[1][:10]])
+
+
+def test_compat_package_and_top_level_names():
+    import svq_modules
+    import svq_modules.compat as compat
+    from svq_modules import layers as core_layers
+
+    assert compat.build_layers is build_layers and compat.encode_layers is encode_layers
+    assert svq_modules.build_layers is core_layers.build_layers  # the core one, not the seed's tree
+    assert svq_modules.build_layers is not build_layers
 
 
 # --------------------------------------------------------------------------- errors
@@ -328,7 +401,10 @@ def test_plot_rate_distortion(tmp_path):
     "mutate, match",
     [
         (lambda x, q, cb: (x.clone().fill_(float("nan")), q, cb, [4, 2]), "data contains NaN"),
-        (lambda x, q, cb: (x, q, torch.cat([cb[:-1], torch.full_like(cb[:1], float("inf"))]), [4, 2]), "cluster_centers contains Inf"),
+        (
+            lambda x, q, cb: (x, q, torch.cat([cb[:-1], torch.full_like(cb[:1], float("inf"))]), [4, 2]),
+            "cluster_centers contains Inf",
+        ),
         (lambda x, q, cb: (x, q + cb.shape[0], cb, [4, 2]), "quantized_data out of range"),
         (lambda x, q, cb: (x, q - 1, cb, [4, 2]), "out of range"),
         (lambda x, q, cb: (x[:10], q, cb, [4, 2]), "entries but there are 10 vectors"),

@@ -52,7 +52,7 @@ def as_tensor(value: Any, name: str, kind: str, device: torch.device | None = No
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be {want}, got a {type(value).__name__} of dtype {arr.dtype}")
     if not arr.flags.writeable or any(s < 0 for s in arr.strides) or arr.dtype.byteorder not in "=|":
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+        arr = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True)
     out = torch.from_numpy(arr)
     return out if device is None else out.to(device)
 
