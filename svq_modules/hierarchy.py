@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .validation import check_codebook, check_finite, check_indices
 
-__all__ = ["Hierarchy", "build_hierarchy", "code_statistics", "LINKAGES"]
+__all__ = [
+    "Hierarchy",
+    "ConstrainedHierarchy",
+    "MergeState",
+    "build_hierarchy",
+    "build_constrained_hierarchy",
+    "code_statistics",
+    "LINKAGES",
+]
 
 LINKAGES = ("ward", "centroid")
 
@@ -233,6 +242,20 @@ def _pair_costs(
     return out
 
 
+class ConstrainedHierarchy(NamedTuple):
+    """A merge tree and the constraint level each of its nodes was formed at.
+
+    Attributes:
+        hierarchy: the :class:`Hierarchy`.
+        node_level: ``[M]`` int64: ``c + 1`` for a node formed while merging
+            inside the labels of constraint row ``c``, 0 for a node formed
+            after all constraints, -1 for leaves.
+    """
+
+    hierarchy: Hierarchy
+    node_level: Tensor
+
+
 def build_hierarchy(
     codebook: Tensor,
     counts: Tensor | None = None,
@@ -267,21 +290,54 @@ def build_hierarchy(
     Returns:
         :class:`Hierarchy` on the codebook's device and dtype.
     """
-    return _build(codebook, counts, sums, linkage, block_size, progress, constraints)[0]
+    built = build_constrained_hierarchy(
+        codebook, counts, sums, constraints, linkage=linkage, block_size=block_size, progress=progress
+    )
+    return built.hierarchy
 
 
-def _build(
+def build_constrained_hierarchy(
     codebook: Tensor,
-    counts: Tensor | None,
-    sums: Tensor | None,
-    linkage: str,
-    block_size: int | None,
-    progress: bool,
-    constraints: Tensor | None,
-) -> tuple[Hierarchy, Tensor]:
-    """:func:`build_hierarchy`, also returning ``node_level [M]`` int64: for a node
-    formed while merging inside labels of constraint row c, ``c + 1``; for a node
-    formed after all constraints, 0; -1 for leaves."""
+    counts: Tensor | None = None,
+    sums: Tensor | None = None,
+    constraints: Tensor | None = None,
+    *,
+    linkage: str = "ward",
+    block_size: int | None = None,
+    progress: bool = False,
+) -> ConstrainedHierarchy:
+    """:func:`build_hierarchy`, also telling at which constraint level each node formed.
+
+    The arguments are those of :func:`build_hierarchy`. Merging runs in
+    phases: inside the labels of ``constraints[C-1]`` (finest) first, then of
+    each coarser row, then free. Under Ward linkage, codes without data are
+    first chained onto their nearest code with data (level ``C``).
+
+    Returns:
+        :class:`ConstrainedHierarchy` ``(hierarchy, node_level [M] int64)``;
+        :func:`svq_modules.layers.build_layers` takes ``node_level`` to cut
+        exactly the constrained cells.
+    """
+    codebook, counts, sums, constraints = _check_build_inputs(codebook, counts, sums, linkage, constraints)
+    state = MergeState.start(codebook, counts, sums, linkage, block_size)
+    bar = _progress_bar(progress, state.num_codes - 1)
+    if linkage == "ward":
+        merged = _absorb_empty_codes(state, constraints)
+        if bar is not None:
+            bar.update(merged)
+    # phases: inside the finest labels first, then each coarser row, then free
+    phases = [(c + 1, constraints[c]) for c in reversed(range(constraints.shape[0]))] + [(0, None)]
+    for level, leaf_label in phases:
+        _merge_phase(state, level, leaf_label, bar)
+    if bar is not None:
+        bar.close()
+    return ConstrainedHierarchy(_finish(state, codebook), state.node_level)
+
+
+def _check_build_inputs(
+    codebook: Tensor, counts: Tensor | None, sums: Tensor | None, linkage: str, constraints: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Checked ``(codebook, counts [K], sums [K, D], constraints [C, K] int64)`` on the codebook's device."""
     codebook = check_codebook(codebook)
     if linkage not in LINKAGES:
         raise ValueError(f"unknown linkage {linkage!r}; expected one of {LINKAGES}")
@@ -303,224 +359,306 @@ def _build(
         constraints = torch.zeros(0, num_codes, dtype=torch.long, device=device)
     if constraints.dim() != 2 or constraints.shape[1] != num_codes or constraints.is_floating_point():
         raise ValueError(f"constraints must be a [C, {num_codes}] integer tensor, got {list(constraints.shape)}")
-    constraints = constraints.to(device=device, dtype=torch.long)
+    return codebook, counts, sums, constraints.to(device=device, dtype=torch.long)
 
-    num_nodes = 2 * num_codes - 1
-    parent = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
-    children = torch.empty((num_codes - 1, 2), dtype=torch.long, device=device)
-    merge_cost = torch.empty(num_codes - 1, dtype=dtype, device=device)
-    size = torch.ones(num_nodes, dtype=torch.long, device=device)
-    count = torch.zeros(num_nodes, dtype=dtype, device=device)
-    data_sum = torch.zeros(num_nodes, dim, dtype=dtype, device=device)
-    count[:num_codes] = counts
-    data_sum[:num_codes] = sums
 
-    # Merge geometry: the weights and centroids the linkage sees, centered for
-    # precision. Node arrays get one extra slot: a sentinel (id num_nodes) that
-    # pads candidate lists and is never alive.
-    has_data = counts > 0
-    leaf_mu = torch.where(has_data[:, None], sums / counts.clamp_min(1e-30)[:, None], codebook)
-    offset = leaf_mu.mean(0, keepdim=True)
-    sentinel = num_nodes
-    mu = torch.zeros(num_nodes + 1, dim, dtype=dtype, device=device)
-    mu[:num_codes] = leaf_mu - offset
-    weight = torch.ones(num_nodes + 1, dtype=dtype, device=device)
-    if linkage == "ward":
-        weight[:num_codes] = torch.where(has_data, counts, counts.new_tensor(_EMPTY_WEIGHT))
-    sqnorm = mu.pow(2).sum(-1)
-    alive = torch.zeros(num_nodes + 1, dtype=torch.bool, device=device)
-    alive[:num_codes] = True
+def _progress_bar(progress: bool, total: int) -> Any:
+    """A tqdm bar over ``total`` merges, or None."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
 
-    block = block_size or _DEFAULT_BLOCK_ELEMENTS
-    # Ward is reducible, so a node keeps a short list of its cheapest partners
-    # (merged partners are replaced by their new parent); a node whose nearest
-    # neighbour merged away re-checks that list and scans all nodes only when
-    # the list cannot prove its best entry is the true nearest neighbour.
-    k = (_CANDIDATES_LARGE if num_codes >= _LARGE_CODEBOOK else _CANDIDATES) if linkage == "ward" else 1
-    cand = torch.full((num_nodes + 1, k), sentinel, dtype=torch.long, device=device)
-    cand_cost = torch.full((num_nodes + 1, k), math.inf, dtype=dtype, device=device)  # NaN = unknown
-    bound = torch.full((num_nodes + 1,), math.inf, dtype=dtype, device=device)
-    nn = torch.full((num_nodes + 1,), sentinel, dtype=torch.long, device=device)
-    nn_cost = torch.full((num_nodes + 1,), math.inf, dtype=dtype, device=device)
-    remap = torch.arange(num_nodes + 1, device=device)
-    node_level = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
-    some_leaf = torch.arange(num_nodes + 1, device=device)  # a leaf below each node
-    label: Tensor | None = None
+    return tqdm(total=total, desc="hierarchy", unit="merge")
 
-    pair_block = max(1 << 14, block // max(dim, 1))
 
-    def fill_costs(rows: Tensor, c: Tensor, cost: Tensor) -> Tensor:
-        """Fill the NaN (unknown) entries of ``cost [R, k]`` for candidates ``c``; dead ones cost inf."""
-        todo = torch.isnan(cost)
-        r = rows[:, None].expand_as(c)[todo]
-        cost[todo] = _pair_costs(r, c[todo], mu, weight, linkage, pair_block, label)
-        cost[~alive[c]] = math.inf
-        return cost
+@dataclass
+class MergeState:
+    """The tensors one tree build reads and updates, round after round.
 
-    def refresh(rows: Tensor, active: Tensor) -> None:
-        c, cost = _candidate_rows(rows, active, mu, weight, sqnorm, linkage, k, block, label)
-        cand[rows], cand_cost[rows], nn[rows], nn_cost[rows] = c, cost, c[:, 0], cost[:, 0]
-        # complete list (fewer partners than k) -> no bound needed
-        bound[rows] = torch.where(c[:, -1] == sentinel, math.inf, cost[:, -1])
+    Node ids: leaves ``0..K-1``, internal nodes ``K..M-1`` in merge order
+    (M = 2K-1). The merge geometry and the candidate lists have one more row,
+    the *sentinel* id M: it pads candidate lists and is never alive.
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    Ward is reducible, so a node keeps a short list of its cheapest partners
+    (merged partners are replaced by their new parent); a node whose nearest
+    neighbour merged away re-checks that list and scans all nodes only when
+    the list cannot prove its best entry is the true nearest neighbour
+    (``bound``). Centroid linkage keeps one candidate and rescans every round.
+    """
 
-        bar = tqdm(total=num_codes - 1, desc="hierarchy", unit="merge")
+    linkage: str
+    block_elements: int  # costs in memory at once while scanning candidates
+    pair_block: int  # node pairs per block of exact pair costs
+    next_id: int  # id of the next internal node
+    # the tree being built
+    parent: Tensor  # [M] int64, -1 while a root
+    children: Tensor  # [K-1, 2] int64
+    merge_cost: Tensor  # [K-1] float
+    size: Tensor  # [M] int64, leaves below
+    count: Tensor  # [M] float, data count below
+    data_sum: Tensor  # [M, D] float, data sum below
+    node_level: Tensor  # [M] int64, see ConstrainedHierarchy
+    # merge geometry, [M + 1] rows
+    mu: Tensor  # [M+1, D] centroid the linkage sees, minus `offset` (precision)
+    offset: Tensor  # [1, D]
+    weight: Tensor  # [M+1] Ward weight (data count; ~0 for codes without data), 1 for centroid linkage
+    sqnorm: Tensor  # [M+1] |mu|^2
+    alive: Tensor  # [M+1] bool, roots of the current forest
+    some_leaf: Tensor  # [M+1] int64, one leaf below each node
+    label: Tensor | None  # [M+1] int64 constraint label in the current phase (-1: sentinel); None: free
+    # candidate lists, [M + 1] rows
+    cand: Tensor  # [M+1, k] int64, cheapest known partners, sentinel-padded
+    cand_cost: Tensor  # [M+1, k] float, their costs (NaN: unknown, inf: missing or merged)
+    bound: Tensor  # [M+1] float, every partner outside the list costs at least this
+    nn: Tensor  # [M+1] int64, nearest partner
+    nn_cost: Tensor  # [M+1] float, its cost
+    remap: Tensor  # [M+1] int64, what a list entry becomes: the parent once merged, else itself
 
-    next_id = num_codes
-    if linkage == "ward":
-        next_id = _absorb_empty_codes(
-            counts, mu, weight, alive, parent, children, merge_cost, size, count, data_sum, sqnorm,
-            node_level, some_leaf, constraints, constraints.shape[0], block,
+    @property
+    def num_codes(self) -> int:
+        return self.children.shape[0] + 1
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parent.shape[0]
+
+    @property
+    def sentinel(self) -> int:
+        return self.num_nodes
+
+    @property
+    def done(self) -> bool:
+        return self.next_id >= self.num_nodes
+
+    def active(self) -> Tensor:
+        """``[m]`` int64 ids of the current roots, ascending."""
+        return self.alive.nonzero().squeeze(1)
+
+    @classmethod
+    def start(
+        cls, codebook: Tensor, counts: Tensor, sums: Tensor, linkage: str, block_size: int | None
+    ) -> MergeState:
+        """Every code its own root; see :func:`build_hierarchy` for the arguments."""
+        num_codes, dim = codebook.shape
+        device, dtype = codebook.device, codebook.dtype
+        num_nodes = 2 * num_codes - 1
+        count = torch.zeros(num_nodes, dtype=dtype, device=device)
+        data_sum = torch.zeros(num_nodes, dim, dtype=dtype, device=device)
+        count[:num_codes] = counts
+        data_sum[:num_codes] = sums
+        # the weights and centroids the linkage sees, centered for precision
+        has_data = counts > 0
+        leaf_mu = torch.where(has_data[:, None], sums / counts.clamp_min(1e-30)[:, None], codebook)
+        offset = leaf_mu.mean(0, keepdim=True)
+        mu = torch.zeros(num_nodes + 1, dim, dtype=dtype, device=device)
+        mu[:num_codes] = leaf_mu - offset
+        weight = torch.ones(num_nodes + 1, dtype=dtype, device=device)
+        if linkage == "ward":
+            weight[:num_codes] = torch.where(has_data, counts, counts.new_tensor(_EMPTY_WEIGHT))
+        alive = torch.zeros(num_nodes + 1, dtype=torch.bool, device=device)
+        alive[:num_codes] = True
+        block = block_size or _DEFAULT_BLOCK_ELEMENTS
+        k = (_CANDIDATES_LARGE if num_codes >= _LARGE_CODEBOOK else _CANDIDATES) if linkage == "ward" else 1
+        sentinel = num_nodes
+
+        def full(shape: tuple[int, ...], value: float, dtype: torch.dtype = dtype) -> Tensor:
+            return torch.full(shape, value, dtype=dtype, device=device)
+
+        return cls(
+            linkage=linkage,
+            block_elements=block,
+            pair_block=max(1 << 14, block // max(dim, 1)),
+            next_id=num_codes,
+            parent=full((num_nodes,), -1, torch.long),
+            children=torch.empty((num_codes - 1, 2), dtype=torch.long, device=device),
+            merge_cost=torch.empty(num_codes - 1, dtype=dtype, device=device),
+            size=torch.ones(num_nodes, dtype=torch.long, device=device),
+            count=count,
+            data_sum=data_sum,
+            node_level=full((num_nodes,), -1, torch.long),
+            mu=mu,
+            offset=offset,
+            weight=weight,
+            sqnorm=mu.pow(2).sum(-1),
+            alive=alive,
+            some_leaf=torch.arange(num_nodes + 1, device=device),
+            label=None,
+            cand=full((num_nodes + 1, k), sentinel, torch.long),
+            cand_cost=full((num_nodes + 1, k), math.inf),
+            bound=full((num_nodes + 1,), math.inf),
+            nn=full((num_nodes + 1,), sentinel, torch.long),
+            nn_cost=full((num_nodes + 1,), math.inf),
+            remap=torch.arange(num_nodes + 1, device=device),
         )
+
+
+def _refresh(state: MergeState, rows: Tensor, active: Tensor) -> None:
+    """Rescan the candidate lists of ``rows [R]`` against all ``active [m]`` nodes."""
+    c, cost = _candidate_rows(
+        rows, active, state.mu, state.weight, state.sqnorm, state.linkage, state.cand.shape[1],
+        state.block_elements, state.label,
+    )
+    state.cand[rows], state.cand_cost[rows] = c, cost
+    state.nn[rows], state.nn_cost[rows] = c[:, 0], cost[:, 0]
+    # complete list (fewer partners than k) -> no bound needed
+    state.bound[rows] = torch.where(c[:, -1] == state.sentinel, math.inf, cost[:, -1])
+
+
+def _fill_costs(state: MergeState, rows: Tensor, cand: Tensor, cost: Tensor) -> Tensor:
+    """Fill the NaN (unknown) entries of ``cost [R, k]`` for partners ``cand [R, k]`` of
+    ``rows [R]``; partners that are no longer roots cost inf. Returns ``cost``."""
+    todo = torch.isnan(cost)
+    r = rows[:, None].expand_as(cand)[todo]
+    cost[todo] = _pair_costs(r, cand[todo], state.mu, state.weight, state.linkage, state.pair_block, state.label)
+    cost[~state.alive[cand]] = math.inf
+    return cost
+
+
+def _merge_phase(state: MergeState, level: int, leaf_label: Tensor | None, bar: Any) -> None:
+    """Merge mutually-nearest pairs, round after round, until one root per label
+    of ``leaf_label [K]`` (None: one root) remains; new nodes get ``level``."""
+    if state.done:
+        return
+    if leaf_label is None:
+        state.label = None
+    else:
+        state.label = torch.full_like(state.some_leaf, -1)
+        nodes = state.some_leaf[: state.num_nodes].clamp_max(state.num_codes - 1)
+        state.label[: state.num_nodes] = leaf_label[nodes]
+    active = state.active()
+    _refresh(state, active, active)
+    while not state.done:
+        merged = _merge_round(state, level)
+        if merged == 0:
+            break  # every label of this phase is merged into one node
         if bar is not None:
-            bar.update(next_id - num_codes)
-    # phases: inside the finest labels first, then each coarser row, then free
-    phases = [(c + 1, constraints[c]) for c in reversed(range(constraints.shape[0]))] + [(0, None)]
-    for level, leaf_label in phases:
-        if next_id >= num_nodes:
-            break
-        if leaf_label is None:
-            label = None
-        else:
-            label = torch.full((num_nodes + 1,), -1, dtype=torch.long, device=device)
-            label[:num_nodes] = leaf_label[some_leaf[:num_nodes].clamp_max(num_codes - 1)]
-        active = alive.nonzero().squeeze(1)
-        refresh(active, active)
-        while next_id < num_nodes:
-            active = alive.nonzero().squeeze(1)
-            partner = nn[active]
-            finite = torch.isfinite(nn_cost[active])
-            mutual = (nn[partner] == active) & (active < partner) & finite
-            a = active[mutual]
-            if a.numel() == 0:  # float ties / rounding: merge the globally cheapest pair
-                i = nn_cost[active].argmin()
-                if not bool(finite[i]):
-                    break  # every label of this phase is merged into one node
-                a = active[i].reshape(1)
-            b = nn[a]
-            num_pairs = a.numel()
-            new = torch.arange(next_id, next_id + num_pairs, device=device)
-            next_id += num_pairs
-            node_level[new] = level
-            some_leaf[new] = some_leaf[a]
-            if label is not None:
-                label[new] = label[a]
-
-            parent[a] = new
-            parent[b] = new
-            children[new - num_codes] = torch.stack([a, b], dim=1)
-            merge_cost[new - num_codes] = nn_cost[a]
-            size[new] = size[a] + size[b]
-            count[new] = count[a] + count[b]
-            data_sum[new] = data_sum[a] + data_sum[b]
-            w = weight[a] + weight[b]
-            weight[new] = w
-            mu[new] = (weight[a, None] * mu[a] + weight[b, None] * mu[b]) / w[:, None]
-            sqnorm[new] = mu[new].pow(2).sum(-1)
-            alive[a] = False
-            alive[b] = False
-            alive[new] = True
-            if bar is not None:
-                bar.update(num_pairs)
-            if next_id >= num_nodes:
-                break
-
-            active = alive.nonzero().squeeze(1)
-            if linkage != "ward":
-                refresh(active, active)
-                continue
-            remap[a] = new
-            remap[b] = new
-            old = active[active < new[0]]
-            before = cand[old]
-            after = remap[before]
-            cand[old] = after
-            cand_cost[old] = torch.where(after != before, math.nan, cand_cost[old])
-            # reducibility: a node whose neighbour survived keeps it
-            stale = old[~alive[nn[old]]]
-            if stale.numel():
-                c = cand[stale]
-                cost = fill_costs(stale, c, cand_cost[stale])
-                cand_cost[stale] = cost
-                best, j = cost.min(dim=1)
-                proven = best <= bound[stale]
-                nn[stale[proven]] = c[proven, j[proven]]
-                nn_cost[stale[proven]] = best[proven]
-                unproven = stale[~proven]
-                if unproven.numel():
-                    refresh(unproven, active)
-            # A new node inherits its children's candidates. Any node outside both
-            # lists costs at least min(bound[a], bound[b]) to either child, hence
-            # (reducibility) at least that much to the merged node.
-            inherited = remap[torch.cat([cand[a], cand[b]], dim=1)]
-            inherited[inherited == new[:, None]] = sentinel
-            inherited = inherited.sort(dim=1).values
-            inherited[:, 1:][inherited[:, 1:] == inherited[:, :-1]] = sentinel
-            cost = fill_costs(new, inherited, torch.full(inherited.shape, math.nan, dtype=dtype, device=device))
-            cost, j = torch.topk(cost, k, dim=1, largest=False, sorted=True)
-            cand[new] = torch.where(torch.isfinite(cost), inherited.gather(1, j), sentinel)
-            cand_cost[new] = cost
-            lower = torch.minimum(bound[a], bound[b])
-            # entries dropped by the top-k cost at least the k-th kept one
-            bound[new] = torch.where(torch.isfinite(cost[:, -1]), torch.minimum(lower, cost[:, -1]), lower)
-            nn[new], nn_cost[new] = cand[new, 0], cost[:, 0]
-            unproven = new[~(cost[:, 0] <= bound[new])]
-            if unproven.numel():
-                refresh(unproven, active)
-
-    if bar is not None:
-        bar.close()
-
-    internal = count[num_codes:]
-    center = torch.empty(num_nodes, dim, dtype=dtype, device=device)
-    center[:num_codes] = codebook
-    if num_codes > 1:
-        # data mean where a node holds data, otherwise the (weighted) mean of its codewords
-        fallback = mu[num_codes:num_nodes] + offset
-        center[num_codes:] = torch.where(
-            (internal > 0)[:, None], data_sum[num_codes:] / internal.clamp_min(1e-30)[:, None], fallback
-        )
-    hierarchy = Hierarchy(parent=parent, children=children, size=size, count=count, center=center, merge_cost=merge_cost)
-    return hierarchy, node_level
+            bar.update(merged)
 
 
-def _absorb_empty_codes(
-    counts: Tensor,
-    mu: Tensor,
-    weight: Tensor,
-    alive: Tensor,
-    parent: Tensor,
-    children: Tensor,
-    merge_cost: Tensor,
-    size: Tensor,
-    count: Tensor,
-    data_sum: Tensor,
-    sqnorm: Tensor,
-    node_level: Tensor,
-    some_leaf: Tensor,
-    constraints: Tensor,
-    level: int,
-    block_elements: int,
-) -> int:
+def _merge_round(state: MergeState, level: int) -> int:
+    """Merge every mutually-nearest pair at once, then update the candidate lists.
+
+    Returns the number of merges (0: no two roots may merge in this phase).
+    """
+    active = state.active()
+    partner = state.nn[active]
+    finite = torch.isfinite(state.nn_cost[active])
+    mutual = (state.nn[partner] == active) & (active < partner) & finite
+    a = active[mutual]
+    if a.numel() == 0:  # float ties / rounding: merge the globally cheapest pair
+        i = state.nn_cost[active].argmin()
+        if not bool(finite[i]):
+            return 0
+        a = active[i].reshape(1)
+    b = state.nn[a]
+    new = _record_merges(state, a, b, level)
+    if state.done:
+        return a.numel()
+    active = state.active()
+    if state.linkage != "ward":
+        _refresh(state, active, active)
+        return a.numel()
+    state.remap[a] = new
+    state.remap[b] = new
+    _update_survivors(state, state.next_id - a.numel(), active)
+    _inherit_candidates(state, a, b, new, active)
+    return a.numel()
+
+
+def _record_merges(state: MergeState, a: Tensor, b: Tensor, level: int) -> Tensor:
+    """Merge node pairs ``(a[i], b[i])`` into new nodes; returns their ``[P]`` ids."""
+    num_codes, num_pairs = state.num_codes, a.numel()
+    new = torch.arange(state.next_id, state.next_id + num_pairs, device=a.device)
+    state.next_id += num_pairs
+    state.node_level[new] = level
+    state.some_leaf[new] = state.some_leaf[a]
+    if state.label is not None:
+        state.label[new] = state.label[a]
+    state.parent[a] = new
+    state.parent[b] = new
+    state.children[new - num_codes] = torch.stack([a, b], dim=1)
+    state.merge_cost[new - num_codes] = state.nn_cost[a]
+    state.size[new] = state.size[a] + state.size[b]
+    state.count[new] = state.count[a] + state.count[b]
+    state.data_sum[new] = state.data_sum[a] + state.data_sum[b]
+    weight, mu = state.weight, state.mu
+    w = weight[a] + weight[b]
+    weight[new] = w
+    mu[new] = (weight[a, None] * mu[a] + weight[b, None] * mu[b]) / w[:, None]
+    state.sqnorm[new] = mu[new].pow(2).sum(-1)
+    state.alive[a] = False
+    state.alive[b] = False
+    state.alive[new] = True
+    return new
+
+
+def _update_survivors(state: MergeState, first_new: int, active: Tensor) -> None:
+    """Point the lists of the older roots at the new nodes; re-find the nearest
+    neighbour of those whose nearest merged away (list first, full scan if unproven)."""
+    old = active[active < first_new]
+    before = state.cand[old]
+    after = state.remap[before]
+    state.cand[old] = after
+    state.cand_cost[old] = torch.where(after != before, math.nan, state.cand_cost[old])
+    # reducibility: a node whose neighbour survived keeps it
+    stale = old[~state.alive[state.nn[old]]]
+    if stale.numel() == 0:
+        return
+    c = state.cand[stale]
+    cost = _fill_costs(state, stale, c, state.cand_cost[stale])
+    state.cand_cost[stale] = cost
+    best, j = cost.min(dim=1)
+    proven = best <= state.bound[stale]
+    state.nn[stale[proven]] = c[proven, j[proven]]
+    state.nn_cost[stale[proven]] = best[proven]
+    unproven = stale[~proven]
+    if unproven.numel():
+        _refresh(state, unproven, active)
+
+
+def _inherit_candidates(state: MergeState, a: Tensor, b: Tensor, new: Tensor, active: Tensor) -> None:
+    """Give each new node the merged lists of its children ``a, b``.
+
+    Any node outside both lists costs at least ``min(bound[a], bound[b])`` to
+    either child, hence (reducibility) at least that much to the merged node.
+    """
+    k, sentinel = state.cand.shape[1], state.sentinel
+    inherited = state.remap[torch.cat([state.cand[a], state.cand[b]], dim=1)]
+    inherited[inherited == new[:, None]] = sentinel
+    inherited = inherited.sort(dim=1).values
+    inherited[:, 1:][inherited[:, 1:] == inherited[:, :-1]] = sentinel
+    unknown = torch.full(inherited.shape, math.nan, dtype=state.mu.dtype, device=new.device)
+    cost = _fill_costs(state, new, inherited, unknown)
+    cost, j = torch.topk(cost, k, dim=1, largest=False, sorted=True)
+    state.cand[new] = torch.where(torch.isfinite(cost), inherited.gather(1, j), sentinel)
+    state.cand_cost[new] = cost
+    lower = torch.minimum(state.bound[a], state.bound[b])
+    # entries dropped by the top-k cost at least the k-th kept one
+    state.bound[new] = torch.where(torch.isfinite(cost[:, -1]), torch.minimum(lower, cost[:, -1]), lower)
+    state.nn[new], state.nn_cost[new] = state.cand[new, 0], cost[:, 0]
+    unproven = new[~(cost[:, 0] <= state.bound[new])]
+    if unproven.numel():
+        _refresh(state, unproven, active)
+
+
+def _absorb_empty_codes(state: MergeState, constraints: Tensor) -> int:
     """Merge every code without data into its nearest code with data, first.
 
     A code no vector uses would be the cheapest Ward partner of everything
     (its weight is ~0) and make every candidate list useless. It carries no
     data, so where it joins changes no distortion: each one is chained onto its
-    nearest non-empty code (same finest constraint label) at ~zero cost, before
-    the regular merging. Returns the next free node id.
+    nearest non-empty code (same finest label of ``constraints [C, K]``) at
+    ~zero cost, before the regular merging. Returns the number of merges.
     """
-    num_codes = counts.shape[0]
+    num_codes = state.num_codes
+    counts, mu, sqnorm = state.count[:num_codes], state.mu, state.sqnorm
     empty = (counts <= 0).nonzero().squeeze(1)
     full = (counts > 0).nonzero().squeeze(1)
     if empty.numel() == 0 or full.numel() == 0:
-        return num_codes
+        return 0
     target = torch.empty_like(empty)
     best = torch.empty(empty.shape, dtype=mu.dtype, device=mu.device)
-    step = max(_MIN_BLOCK_ROWS, block_elements // full.numel())
+    step = max(_MIN_BLOCK_ROWS, state.block_elements // full.numel())
     fine = constraints[-1] if constraints.shape[0] else None
     for start in range(0, empty.numel(), step):
         e = empty[start : start + step]
@@ -532,34 +670,59 @@ def _absorb_empty_codes(
     keep = torch.isfinite(best)  # an empty code alone in its constraint cell stays for later
     empty, target, best = empty[keep], target[keep], best[keep].clamp_min(0.0)
     if empty.numel() == 0:
-        return num_codes
+        return 0
     order = torch.argsort(target * num_codes + empty)
-    empty, target, best = empty[order], target[order], best[order]
-    new = num_codes + torch.arange(empty.numel(), device=mu.device)
+    _chain_empty_codes(state, empty[order], target[order], best[order], constraints.shape[0])
+    return empty.numel()
+
+
+def _chain_empty_codes(state: MergeState, empty: Tensor, target: Tensor, dist: Tensor, level: int) -> None:
+    """Chain ``empty [E]`` codes (sorted by ``target [E]``) onto their target code,
+    one merge each: ``((target + e1) + e2) + ...``; ``dist [E]`` squared distances."""
+    num_codes, weight = state.num_codes, state.weight
+    new = state.next_id + torch.arange(empty.numel(), device=empty.device)
+    state.next_id += empty.numel()
     first = torch.ones_like(empty, dtype=torch.bool)
     first[1:] = target[1:] != target[:-1]
     previous = torch.where(first, target, new - 1)  # chain: code, then one merge per empty code
-    rank = torch.arange(empty.numel(), device=mu.device) - torch.searchsorted(target, target)
-    parent[empty] = new
-    parent[previous] = new
-    children[new - num_codes] = torch.stack([previous, empty], dim=1)
+    rank = torch.arange(empty.numel(), device=empty.device) - torch.searchsorted(target, target)
+    state.parent[empty] = new
+    state.parent[previous] = new
+    state.children[new - num_codes] = torch.stack([previous, empty], dim=1)
     w_t, w_e = weight[target] + rank * weight[empty], weight[empty]
-    merge_cost[new - num_codes] = w_t * w_e / (w_t + w_e) * best
-    size[new] = rank + 2
-    count[new] = count[target]
-    data_sum[new] = data_sum[target]
+    state.merge_cost[new - num_codes] = w_t * w_e / (w_t + w_e) * dist
+    state.size[new] = rank + 2
+    state.count[new] = state.count[target]
+    state.data_sum[new] = state.data_sum[target]
     weight[new] = w_t + w_e
-    mu[new] = mu[target]
-    sqnorm[new] = sqnorm[target]
-    node_level[new] = level
-    some_leaf[new] = target
-    alive[empty] = False
-    alive[previous] = False
-    alive[new] = True
+    state.mu[new] = state.mu[target]
+    state.sqnorm[new] = state.sqnorm[target]
+    state.node_level[new] = level
+    state.some_leaf[new] = target
+    state.alive[empty] = False
+    state.alive[previous] = False
+    state.alive[new] = True
     last = torch.ones_like(first)
     last[:-1] = first[1:]
-    alive[new[~last]] = False  # only the top of each chain stays
-    return num_codes + empty.numel()
+    state.alive[new[~last]] = False  # only the top of each chain stays
+
+
+def _finish(state: MergeState, codebook: Tensor) -> Hierarchy:
+    """The :class:`Hierarchy` of a finished build: leaves hold the codewords,
+    internal nodes their data mean (or, without data, the weighted mean of their codewords)."""
+    num_codes, num_nodes = state.num_codes, state.num_nodes
+    internal = state.count[num_codes:]
+    center = torch.empty(num_nodes, codebook.shape[1], dtype=codebook.dtype, device=codebook.device)
+    center[:num_codes] = codebook
+    if num_codes > 1:
+        fallback = state.mu[num_codes:num_nodes] + state.offset
+        center[num_codes:] = torch.where(
+            (internal > 0)[:, None], state.data_sum[num_codes:] / internal.clamp_min(1e-30)[:, None], fallback
+        )
+    return Hierarchy(
+        parent=state.parent, children=state.children, size=state.size, count=state.count, center=center,
+        merge_cost=state.merge_cost,
+    )
 
 
 def _check_stat(t: Tensor, shape: tuple[int, ...], name: str, codebook: Tensor) -> Tensor:

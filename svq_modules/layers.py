@@ -31,14 +31,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .hierarchy import Hierarchy
 from .tree import node_depth, scan_to_marked
-from .validation import check_bits_list, check_indices
+from .validation import PROPOSALS, BitProposal, check_bit_proposal, check_bits_list, check_indices, check_int
 
 __all__ = [
     "LayerTables",
@@ -58,8 +58,6 @@ __all__ = [
 ]
 
 CUTS = ("greedy", "depth")
-PROPOSALS = ("balanced_clusters", "balanced_values")
-BitProposal = Union[Sequence[int], int, str, Callable[[Hierarchy, int], Sequence[int]]]
 # smallest probability a branch may get, so every symbol stays codable
 PROB_FLOOR = 2.0**-20
 _DEFAULT_PROPOSAL_LAYERS = 5
@@ -212,34 +210,36 @@ def resolve_bits(
               ``(1 - (l+1)/L)`` of it;
             * a callable ``f(hierarchy, num_listed) -> list[int]``.
         hierarchy: the tree the proposal is for.
-        num_layers: total layers L including the final one. Required for a
-            callable; defaults to 5 for the named strategies.
+        num_layers: total layers L including the final one (an int >= 2).
+            Required for a callable; defaults to 5 for the named strategies;
+            must be ``len(bits) + 1`` with a list.
         cut: the cut the widths will be used with (named strategies simulate it).
 
     Returns:
         Widths of the listed layers (the final layer is added by :func:`build_layers`).
+
+    Raises:
+        ValueError: from :func:`~svq_modules.validation.check_bit_proposal`, the
+        one bit-proposal check, or when a callable returns a bad list.
     """
-    if num_layers is not None and (isinstance(num_layers, bool) or int(num_layers) < 1):
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=False)
+    return _proposal_widths(bits, hierarchy, num_layers, cut)
+
+
+def _proposal_widths(
+    bits: list[int] | int | str | Callable[..., Sequence[int]], hierarchy: Hierarchy, num_layers: int | None, cut: str
+) -> list[int]:
+    """:func:`resolve_bits` of a proposal already passed through :func:`check_bit_proposal`."""
+    if isinstance(bits, list):
+        return bits
     if isinstance(bits, str):
-        if bits not in PROPOSALS:
-            raise ValueError(f"unknown bit proposal {bits!r}; expected a list of ints, an int, a callable or one of {PROPOSALS}")
         return _balanced(bits, hierarchy, num_layers or _DEFAULT_PROPOSAL_LAYERS, cut)
-    if callable(bits):
-        if num_layers is None:
-            raise ValueError("a callable bit proposal needs num_layers")
-        widths = check_bits_list(bits(hierarchy, int(num_layers) - 1), "bits returned by the proposal")
-        if len(widths) != int(num_layers) - 1:
-            raise ValueError(f"the bit proposal returned {len(widths)} widths, expected num_layers - 1 = {int(num_layers) - 1}")
-        return widths
-    if isinstance(bits, int) and not isinstance(bits, bool):
-        (b,) = check_bits_list([bits])
-        if num_layers is not None:
-            return [b] * (int(num_layers) - 1) if num_layers > 1 else [b]
-        return _repeat_until_leaves(b, hierarchy, cut)
-    widths = check_bits_list(bits)
-    if num_layers is not None and len(widths) + 1 != int(num_layers):
-        raise ValueError(f"bits {widths} make {len(widths) + 1} layers but num_layers={num_layers}")
+    if isinstance(bits, int):
+        return [bits] * (num_layers - 1) if num_layers is not None else _repeat_until_leaves(bits, hierarchy, cut)
+    # a callable; check_bit_proposal made sure num_layers is given
+    widths = check_bits_list(bits(hierarchy, num_layers - 1), "bits returned by the proposal")
+    if len(widths) != num_layers - 1:
+        raise ValueError(f"the bit proposal returned {len(widths)} widths, expected num_layers - 1 = {num_layers - 1}")
     return widths
 
 
@@ -301,11 +301,14 @@ def build_layers(
     Returns:
         :class:`LayerTables` on the hierarchy's device.
     """
+    constrained_layers = check_int(constrained_layers, "constrained_layers", min=0)
     if constrained_layers and node_level is None:
         raise ValueError("constrained_layers needs node_level")
     cutter = _Cutter(hierarchy, cut, node_level)
-    widths = resolve_bits(bits, hierarchy, num_layers, cut)
-    explicit_final = not (isinstance(bits, int) and not isinstance(bits, bool) and num_layers is None)
+    bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=False)
+    widths = _proposal_widths(bits, hierarchy, num_layers, cut)
+    # an int without num_layers repeats until every leaf is reached: no separate final layer
+    explicit_final = not (isinstance(bits, int) and num_layers is None)
     num_leaves, num_nodes = hierarchy.num_leaves, hierarchy.num_nodes
     device = hierarchy.device
 
@@ -412,14 +415,9 @@ def reconstruct(hierarchy: Hierarchy, tables: LayerTables, indices: Tensor, num_
     Returns:
         ``[N, D]`` float centers of the layer ``num_layers-1`` nodes.
     """
-    _check_num_layers(num_layers, tables.num_layers)
+    num_layers = check_int(num_layers, "num_layers", min=1, max=tables.num_layers)
     indices = check_indices(indices, tables.num_leaves)
     return hierarchy.center[tables.leaf_node[num_layers - 1, indices.to(tables.leaf_node.device)]]
-
-
-def _check_num_layers(num_layers: int, total: int) -> None:
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= total:
-        raise ValueError(f"num_layers must be an int in [1, {total}], got {num_layers!r}")
 
 
 def symbol_bits(tables: LayerTables) -> Tensor:

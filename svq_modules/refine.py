@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy, _build
-from .layers import BitProposal, LayerTables, build_layers, resolve_bits
+from .hierarchy import Hierarchy, build_constrained_hierarchy
+from .layers import LayerTables, build_layers, resolve_bits
+from .validation import BitProposal, check_bit_proposal, check_int
 
 __all__ = ["build_refined", "lloyd_within"]
 
@@ -33,11 +34,12 @@ def lloyd_within(cells: Tensor, parents: Tensor, points: Tensor, weights: Tensor
         parents: ``[K]`` int64 parent-cell label (cells never straddle parents).
         points: ``[K, D]`` float leaf positions (data means).
         weights: ``[K]`` float > 0 leaf weights (data counts).
-        iters: maximum Lloyd iterations (stops early when nothing moves).
+        iters: maximum Lloyd iterations, an int >= 0 (stops early when nothing moves).
 
     Returns:
         ``[K]`` int64 refined cell labels (a subset of the input labels).
     """
+    iters = check_int(iters, "iters", min=0)
     uniq, cell = torch.unique(cells, return_inverse=True)
     num_cells = uniq.numel()
     cell_parent = torch.zeros(num_cells, dtype=torch.long, device=cells.device).scatter_(0, cell, parents)
@@ -77,6 +79,7 @@ def build_refined(
     iters: int = 10,
     linkage: str = "ward",
     cut: str = "greedy",
+    block_size: int | None = None,
     progress: bool = False,
     unconstrained: Hierarchy | None = None,
 ) -> tuple[Hierarchy, LayerTables]:
@@ -87,18 +90,23 @@ def build_refined(
         counts, sums: per-code statistics (see :func:`~svq_modules.hierarchy.code_statistics`).
         bits: bit proposal (see :func:`~svq_modules.layers.resolve_bits`).
         num_layers: total layers L (final layer included) for non-list proposals.
-        iters: Lloyd iterations per layer.
+        iters: Lloyd iterations per layer (an int >= 0).
         unconstrained: the plain tree of the same inputs, if already built
             (saves one build).
-        linkage, cut: as for :func:`~svq_modules.hierarchy.build_hierarchy` /
+        linkage, block_size, progress, cut: as for
+            :func:`~svq_modules.hierarchy.build_hierarchy` /
             :func:`~svq_modules.layers.build_layers`.
 
     Returns:
         ``(hierarchy, tables)``: every listed layer's nodes are its refined
         cells; decoding all layers still gives the exact codewords.
     """
+    # check the arguments before the first (costly) build
+    bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=False)
+    iters = check_int(iters, "iters", min=0)
+    build = dict(linkage=linkage, block_size=block_size, progress=progress)
     if unconstrained is None:
-        hierarchy, level = _build(codebook, counts, sums, linkage, None, progress, None)
+        hierarchy, level = build_constrained_hierarchy(codebook, counts, sums, **build)
     else:  # no layer is constrained yet, so the node levels are not needed
         hierarchy, level = unconstrained, None
     widths = resolve_bits(bits, hierarchy, num_layers, cut)
@@ -111,11 +119,9 @@ def build_refined(
     weights = leaf_count.clamp_min(1e-6) if counts is not None else torch.ones_like(leaf_count)
     labels: list[Tensor] = []
     for layer in range(len(widths)):
-        tables = build_layers(
-            hierarchy, widths[: layer + 1], cut=cut, node_level=level, constrained_layers=layer
-        )
+        tables = build_layers(hierarchy, widths[: layer + 1], cut=cut, node_level=level, constrained_layers=layer)
         parents = labels[-1] if labels else torch.zeros(num_codes, dtype=torch.long, device=codebook.device)
         labels.append(lloyd_within(tables.leaf_node[layer], parents, points, weights, iters))
-        hierarchy, level = _build(codebook, counts, sums, linkage, None, progress, torch.stack(labels))
+        hierarchy, level = build_constrained_hierarchy(codebook, counts, sums, torch.stack(labels), **build)
     tables = build_layers(hierarchy, widths, cut=cut, node_level=level, constrained_layers=len(widths))
     return hierarchy, tables

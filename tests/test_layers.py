@@ -129,6 +129,9 @@ def test_bit_proposals(built):
     sizes = [len(t.leaf_node[l].unique()) for l in range(3)]
     for l, s in enumerate(sizes):
         assert s >= 40 ** ((l + 1) / 4) - 1e-9
+    # a named proposal defaults to 5 layers, the final one included
+    assert len(resolve_bits("balanced_values", h)) == 4
+    assert build_layers(h, "balanced_clusters").num_layers == 5
     called = build_layers(h, lambda hier, n: [1] * n, num_layers=3)
     assert called.widths.tolist()[:2] == [1, 1]
 
@@ -139,10 +142,16 @@ def test_bit_proposals(built):
         ([0, 2], {}, "> 0"),
         ([], {}, "empty"),
         ([2, -1], {}, "> 0"),
-        ("hello", {}, "unknown bit proposal"),
+        ("hello", {}, "not a bit proposal"),
+        (None, {}, "not a bit proposal"),
+        (True, {}, "not a bit proposal"),
+        (25, {}, "at most 24"),
         ([2.5], {}, "ints"),
         ([2, 2], dict(num_layers=5), "num_layers"),
-        (lambda h, n: [1], {}, "needs num_layers"),
+        (2, dict(num_layers=1), "num_layers"),
+        (lambda h, n: [1], {}, "pass num_layers"),
+        (lambda h, n: [1], dict(num_layers=4), "returned 1 widths"),
+        (lambda h, n: [0] * n, dict(num_layers=3), "returned by the proposal"),
         ([2], dict(cut="fancy"), "unknown cut"),
     ],
 )
