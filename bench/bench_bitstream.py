@@ -4,7 +4,8 @@ For each data set (K=1024 from MiniBatchKMeans(init='random', random_state=0,
 n_init='auto'), bits [4, 2, 2, 2, 2], hierarchy from the exact per-code
 statistics of the data):
 
-* bytes per layer: entropy-coded payload vs the ideal conditional entropy
+* bytes per layer: the payload of ``coding="entropy"`` (a layer whose entropy
+  payload would be larger than raw is written raw: column "coding") vs the ideal conditional entropy
   ``sum(log2 P(p) - log2 P(node))`` under the float model of
   :func:`svq_modules.layers.node_log2_prob` (target: payload overhead <= 1%,
   PASS allows one ANS state flush of <= 8 bytes on top), raw payload, chunk
@@ -18,6 +19,7 @@ statistics of the data):
 
 Run: ``python bench/bench_bitstream.py`` (k-means results are cached in
 ``bench/.cache``; the seed takes a few seconds per data set; ``--no-seed`` skips it).
+The printed tables are also written to ``docs/benchmarks/bitstream.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the seed's progress bars
 
 import numpy as np
 import torch
+from common import write_report
 
 from svq_modules.coding import compress_layers, decompress_layers, read_header
 from svq_modules.hierarchy import build_hierarchy, code_statistics
@@ -138,9 +141,9 @@ def run(name: str, x: np.ndarray, repeat: int, with_seed: bool) -> list[str]:
     id_bits = math.ceil(math.log2(2 * K - 1))
 
     out = [f"### {name}: N={n}, D={x.shape[1]}, K={K}, bits {BITS} (+ final layer), {num_symbols} symbols in {L} layers", ""]
-    header = ("| layer | symbols | ideal B | entropy payload B | overhead | header+CRC B | raw payload B "
+    header = ("| layer | symbols | ideal B | coding | payload B | overhead | header+CRC B | raw payload B "
               "| seed codes+ids B | MSE ours | MSE seed | <=1% (+8 B) |")
-    out += [header, "|" + "|".join(["---"] * 11) + "|"]
+    out += [header, "|" + "|".join(["---"] * 12) + "|"]
     cum = {"ideal": 0.0, "ent": 0, "chunk": 0, "raw": 0, "seed": 0}
     all_ok = True
     for layer in range(L):
@@ -163,12 +166,13 @@ def run(name: str, x: np.ndarray, repeat: int, with_seed: bool) -> list[str]:
         cum["chunk"] += len(ent[layer])
         cum["raw"] += hr.payload_len
         out.append(
-            f"| {layer} | {int(active[layer])} | {ideal_b:.0f} | {pay} | {100 * over:+.2f}% | {len(ent[layer]) - pay} | "
+            f"| {layer} | {int(active[layer])} | {ideal_b:.0f} | {he.coding} | {pay} | {100 * over:+.2f}% | "
+            f"{len(ent[layer]) - pay} | "
             f"{hr.payload_len} | {seed_b} | {mse_ours:.3e} | {mse_seed} | {'PASS' if ok else 'MISS'} |"
         )
     seed_total = str(cum["seed"]) if seed is not None else "-"
     out.append(
-        f"| all | {num_symbols} | {cum['ideal']:.0f} | {cum['ent']} | {100 * (cum['ent'] / cum['ideal'] - 1):+.2f}% | "
+        f"| all | {num_symbols} | {cum['ideal']:.0f} | | {cum['ent']} | {100 * (cum['ent'] / cum['ideal'] - 1):+.2f}% | "
         f"{cum['chunk'] - cum['ent']} | {cum['raw']} | {seed_total} | | | {'PASS' if all_ok else 'MISS'} |"
     )
     out.append("")
@@ -209,13 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     from importlib.metadata import version
 
-    print(f"torch {torch.__version__}, numpy {np.__version__}, constriction {version('constriction')}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}\n")  # fmt: skip
+    lines = [f"torch {torch.__version__}, numpy {np.__version__}, constriction {version('constriction')}, "
+             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}", ""]  # fmt: skip
+    print("\n".join(lines))
     for name, x in datasets().items():
         if args.only and not name.startswith(args.only):
             continue
-        print("\n".join(run(name, x, args.repeat, not args.no_seed)))
+        part = run(name, x, args.repeat, not args.no_seed)
+        print("\n".join(part))
         sys.stdout.flush()
+        lines += part
+    path = write_report("bitstream", "Per-layer bitstream: sizes and throughput", "\n".join(lines))
+    print(f"wrote {path}")
     return 0
 
 
