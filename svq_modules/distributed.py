@@ -13,7 +13,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum_", "broadcast_", "broadcast_tensors_", "all_gather_rows"]
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "rank",
+    "all_reduce_sum_",
+    "any_rank",
+    "broadcast_",
+    "broadcast_tensors_",
+    "all_gather_rows",
+]
 
 
 def is_distributed() -> bool:
@@ -36,6 +45,19 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
+    """True when ``flag`` is True on at least one rank (one all-reduce of one int64 on ``device``).
+
+    Lets every rank take the same decision (e.g. whether to rebuild tables
+    whose rebuild is collective). Returns ``bool(flag)`` when not distributed.
+    """
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return bool(int(t.item()) > 0)
 
 
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:

@@ -93,8 +93,8 @@ def test_loss_finite_on_random_and_degenerate_data(x, kmeans_init):
         out.loss.backward()
         assert torch.isfinite(xi.grad).all()
     assert torch.isfinite(vq.codebook).all()
-    assert torch.isfinite(vq.cluster_size).all() and torch.isfinite(vq.embed_sum).all()
-    vq.eval().update()  # a tree can be built from degenerate statistics too
+    assert torch.isfinite(vq.learner.cluster_size).all() and torch.isfinite(vq.learner.embed_sum).all()
+    assert vq.eval().update()  # a tree can be built from degenerate statistics too
     levels = [vq(x, num_layers=l).quantized for l in range(1, vq.num_layers + 1)]
     assert all(torch.isfinite(q).all() for q in levels)
 
@@ -113,7 +113,7 @@ def test_learnable_codebook_gets_gradients():
     assert (vq.codebook.grad[used].abs().sum(1) > 0).all()
     assert (vq.codebook.grad[~used] == 0).all()
     # an optimizer step changes the codebook, which makes a built hierarchy stale
-    vq.eval().update()
+    assert vq.eval().update()
     assert not vq.is_stale
     torch.optim.SGD(vq.parameters(), lr=0.1).step()
     assert vq.is_stale
@@ -143,14 +143,14 @@ def test_dead_codes_are_reseeded():
     vq(x)  # first batch: initialization
     with torch.no_grad():
         vq.codebook[3] = 1000.0  # far away: no vector will use it
-        vq.cluster_size[3] = 0.0
-        vq.embed_sum[3] = 0.0
+        vq.learner.cluster_size[3] = 0.0
+        vq.learner.embed_sum[3] = 0.0
     batch = torch.randn(512, 4)
     out = vq(batch)
     assert (out.indices != 3).all()
     # re-seeded with a vector of the current batch
     assert (batch == vq.codebook[3]).all(1).any()
-    assert vq.cluster_size[3] == 2.0
+    assert vq.learner.cluster_size[3] == 2.0
     assert vq(batch).indices.eq(3).any()
 
 
@@ -165,8 +165,8 @@ def test_relocation_moves_a_redundant_code():
     with torch.no_grad():  # plant the local minimum
         vq.codebook.copy_(torch.tensor([[-0.5, 0.0], [0.5, 0.0], [10.0, 10.0]]))
     # a frozen codebook (no EMA step) isolates the relocation
-    vq.ema_update = False
-    vq.cluster_size.fill_(100.0)
+    vq.learner.ema_update = False
+    vq.learner.cluster_size.fill_(100.0)
     for b in x.split(500):
         vq(b)
     assert torch.cdist(centers, vq.codebook).amin(1).max() < 2.0
@@ -188,7 +188,7 @@ def test_eval_never_changes_the_codebook():
     fresh = ScalableVQ(8, 32).eval()
     cb = fresh.codebook.clone()
     fresh(x)
-    assert torch.equal(fresh.codebook, cb) and not bool(fresh.initted)
+    assert torch.equal(fresh.codebook, cb) and not bool(fresh.learner.initted)
 
 
 # ---------------------------------------------------------------- layers
@@ -311,13 +311,14 @@ def test_state_dict_round_trip_into_fresh_module(built):
     assert not fresh.is_built
     fresh.load_state_dict(torch.load(buf))
     fresh.eval()
-    assert fresh.is_built and not fresh.is_stale and bool(fresh.initted)
+    assert fresh.is_built and not fresh.is_stale and bool(fresh.learner.initted)
     codes = vq.encode(x)
     assert torch.equal(fresh.encode(x), codes)
     for l in (1, vq.num_layers):
         assert torch.equal(fresh.decode(codes[:l]), vq.decode(codes[:l]))
     # loading into a module that was already trained and built replaces everything
-    other = train(ScalableVQ(4, 64, bits=[2, 2, 1]), torch.randn(600, 4), epochs=1).update()
+    other = train(ScalableVQ(4, 64, bits=[2, 2, 1]), torch.randn(600, 4), epochs=1)
+    assert other.update()
     other.load_state_dict(vq.state_dict())
     assert torch.equal(other.encode(x), codes)
     # a fresh module that was never trained is not re-initialized by training after loading
@@ -335,8 +336,9 @@ def test_unbuilt_state_dict_loads_and_double_works():
     fresh = ScalableVQ(4, 16, bits=[2, 1])
     fresh.load_state_dict(vq.state_dict())
     assert not fresh.is_built and torch.equal(fresh.codebook, vq.codebook)
-    d = fresh.double().eval().update()
-    assert d.codebook.dtype == torch.float64 and d.tree_center.dtype == torch.float64
+    d = fresh.double().eval()
+    assert d.update()
+    assert d.codebook.dtype == torch.float64 and d.index.tree_center.dtype == torch.float64
     xd = x.double()
     assert d(xd).quantized.dtype == torch.float64
     assert torch.equal(d(xd, num_layers=3).quantized, d(xd).quantized)
@@ -371,11 +373,11 @@ def test_from_codebook_wraps_a_codebook():
     assert vq.is_built and not vq.is_stale
     assert torch.equal(vq.codebook, codebook)
     idx = vq.quantize(x)
-    assert torch.equal(vq.cluster_size, torch.bincount(idx, minlength=32).float())
+    assert torch.equal(vq.learner.cluster_size, torch.bincount(idx, minlength=32).float())
     assert torch.equal(vq(x, num_layers=3).quantized, codebook[idx])
     # the same statistics given directly build the same tree
-    by_stats = ScalableVQ.from_codebook(codebook, counts=vq.cluster_size, sums=vq.embed_sum, bits=[2, 2])
-    assert torch.equal(by_stats.layers_leaf_node, vq.layers_leaf_node)
+    by_stats = ScalableVQ.from_codebook(codebook, counts=vq.learner.cluster_size, sums=vq.learner.embed_sum, bits=[2, 2])
+    assert torch.equal(by_stats.index.layers_leaf_node, vq.index.layers_leaf_node)
     # without data: uniform counts; the first training batch does not re-initialize it
     bare = ScalableVQ.from_codebook(codebook, bits=[2, 2])
     bare(x[:64])
@@ -417,4 +419,4 @@ def test_bad_inputs_raise_value_errors():
     cf = ScalableVQ(8, 16, channel_first=True)
     with pytest.raises(ValueError, match="channel-first"):
         cf(torch.randn(2, 3, 8))
-    assert not bool(vq.initted)  # nothing was learned from bad input
+    assert not bool(vq.learner.initted)  # nothing was learned from bad input
