@@ -46,7 +46,8 @@ _PCA_SAMPLE = 50_000
 def _as_array(values: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
     """A NumPy copy of an array-like (torch tensors are detached and moved to the CPU)."""
     if torch.is_tensor(values):
-        values = values.detach().cpu().numpy()
+        values = values.detach().cpu()
+        values = (values.double() if values.dtype in (torch.float16, torch.bfloat16) else values).numpy()
     try:
         return np.asarray(values, dtype=dtype)
     except (TypeError, ValueError) as e:

@@ -178,7 +178,8 @@ def tree_panels(
         if data is None or quantized_data is None:
             raise ValueError("pass both data and quantized_data (the codeword index of each row), or neither")
         points = check_data(as_tensor(data, "data", "data").detach().cpu(), codebook)
-        owner_leaf = check_quantized(quantized_data, num_codes, codebook.device, expected_len=points.shape[0])
+        labels = as_tensor(quantized_data, "quantized_data", "indices").detach().cpu()
+        owner_leaf = check_quantized(labels, num_codes, codebook.device, expected_len=points.shape[0])
     else:
         points = codebook
         owner_leaf = torch.arange(num_codes)
