@@ -103,24 +103,25 @@ def compress_array(args: argparse.Namespace) -> int:
     inputs = [("", data)]
     if args.model:
         inputs.append(("--model", check_input_file(args.model, "--model")))
-    outputs = [("-o", check_output_file(args.output, "-o", SVQ_SUFFIXES))]
+    outputs = [("-o", args.output, SVQ_SUFFIXES)]
     if args.save_model:
-        outputs.append(("--save-model", check_output_file(args.save_model, "--save-model", MODEL_SUFFIXES)))
-    check_distinct(inputs, outputs)
+        outputs.append(("--save-model", args.save_model, MODEL_SUFFIXES))
+    check_distinct(inputs, [(opt, Path(path).expanduser()) for opt, path, _ in outputs])  # first: the worst mistake
+    out_paths = [check_output_file(path, opt, suffixes) for opt, path, suffixes in outputs]
 
     # 2. inputs
     arr = _load_vectors(data, args.key, str(args.data))
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if args.model:
-        vq = load_model(inputs[1][1])
-        if vq.dim != x.shape[1]:
-            raise CLIError(f"--model {args.model}: the model is for D={vq.dim}, the data has D={x.shape[1]}")
-    else:
+    vq = load_model(inputs[1][1], f"--model {args.model}") if args.model else None
+    if vq is not None and vq.dim != x.shape[1]:
+        raise CLIError(f"--model {args.model}: the model is for D={vq.dim}, the data has D={x.shape[1]}")
+    if vq is None:
         check_fit_options(opts, num_vectors=x.shape[0])
 
     # 3. work
     t0 = time.perf_counter()
-    vq = vq if args.model else fit_model(x, opts)
+    if vq is None:
+        vq = fit_model(x, opts)
     store_model = not args.model and not args.no_store_model
     with torch.no_grad():
         idx = vq.quantize(x)
@@ -129,9 +130,9 @@ def compress_array(args: argparse.Namespace) -> int:
     text = None if args.quiet else layer_summary(chunks, decompress_layers(vq.hierarchy, vq.tables, chunks), arr)
 
     # 4. outputs, all or none
-    writers = [(outputs[0][1], bytes_writer(data_bytes))]
+    writers = [(out_paths[0], bytes_writer(data_bytes))]
     if args.save_model:
-        writers.append((outputs[1][1], bytes_writer(model_to_bytes(vq))))
+        writers.append((out_paths[1], bytes_writer(model_to_bytes(vq))))
     write_outputs(writers)
     if text is not None:
         print(text)
@@ -145,7 +146,7 @@ def compress_array(args: argparse.Namespace) -> int:
 def _decoder(args: argparse.Namespace, container: Any, model_path: Path | None) -> Any:
     """The model decoding ``container``: ``--model``, else the file's own, else None (self-contained chunks)."""
     if model_path is not None:
-        return load_model(model_path)
+        return load_model(model_path, f"--model {args.model}")
     if container.model is not None:
         return unpack_model(container.model, f"{args.input} (model section)")
     if read_header(container.chunks[0]).embed is None:
@@ -168,8 +169,8 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     inputs += [(opt, p) for opt, p in (("--model", model_path), ("--reference", ref_path)) if p is not None]
     if args.reference_key is not None and ref_path is None:
         raise CLIError("--reference-key names an entry of the --reference file, but no --reference was given")
+    check_distinct(inputs, [("-o", Path(args.output).expanduser())])  # first: the worst mistake
     out = check_output_file(args.output, "-o", ARRAY_SUFFIXES)
-    check_distinct(inputs, [("-o", out)])
 
     # 2. inputs
     container = read_container(src, max_chunks=args.layers)

@@ -127,11 +127,12 @@ def model_from_bytes(data: bytes, what: str = "model") -> Any:
     return vq
 
 
-def load_model(path: str | Path) -> Any:
-    """Read a model file (see :func:`model_from_bytes`)."""
+def load_model(path: str | Path, what: str | None = None) -> Any:
+    """Read a model file (see :func:`model_from_bytes`); ``what`` names it in errors (default: the path)."""
     path = Path(path)
+    what = str(path) if what is None else what
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CLIError(f"{path}: no such file") from None
-    return model_from_bytes(data, str(path))
+        raise CLIError(f"{what}: no such file") from None
+    return model_from_bytes(data, what)
