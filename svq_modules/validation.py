@@ -138,7 +138,7 @@ def check_bits_list(bits: Any, name: str = "bits") -> list[int]:
 
 
 def check_bit_proposal(
-    bits: Any, num_layers: Any = None, *, need_num_layers: bool = True
+    bits: Any, num_layers: Any = None, *, need_num_layers: bool = True, name: str = "bits"
 ) -> tuple[list[int] | int | str | Callable[..., Sequence[int]], int | None]:
     """The one bit-proposal check (module, functional API, Lightning, command line).
 
@@ -149,6 +149,7 @@ def check_bit_proposal(
             ``f(hierarchy, num_listed) -> list[int]``.
         num_layers: L, total layers including the final one: an int >= 2, or
             None. With a list it must equal ``len(bits) + 1``.
+        name: the argument's name in messages (e.g. ``"--bits"``, ``"n_bits_proposal"``).
         need_num_layers: whether anything but a list must come with
             ``num_layers`` (True where buffer shapes depend on it, as in the
             module; the functional API passes False: an int then repeats
@@ -165,26 +166,26 @@ def check_bit_proposal(
         num_layers = check_int(num_layers, "num_layers (base layer + final layer at least)", min=2)
     hint = f"expected a list of ints in [1, {MAX_LAYER_BITS}] such as [4, 2, 2, 2, 2], an int, one of {PROPOSALS} or a callable"
     if bits is None or isinstance(bits, (bool, bytes)):
-        raise ValueError(f"bits={bits!r} is not a bit proposal; {hint}")
+        raise ValueError(f"{name}={bits!r} is not a bit proposal; {hint}")
     if isinstance(bits, str):
         if bits not in PROPOSALS:
-            raise ValueError(f"bits={bits!r} is not a bit proposal; {hint}")
-    elif hasattr(bits, "__index__") and not (torch.is_tensor(bits) and bits.dim() > 0):
-        bits = check_bits_list([bits])[0]
+            raise ValueError(f"{name}={bits!r} is not a bit proposal; {hint}")
+    elif hasattr(bits, "__index__") and getattr(bits, "ndim", 0) == 0:  # int, NumPy / 0-d tensor scalar
+        bits = check_bits_list([bits], name)[0]
     elif callable(bits):
         pass
     else:
         try:
-            bits = check_bits_list(bits)
+            bits = check_bits_list(bits, name)
         except ValueError as e:
             raise ValueError(f"{e}; {hint}") from None
         if num_layers is not None and num_layers != len(bits) + 1:
             raise ValueError(
-                f"bits={bits} make {len(bits) + 1} layers (the final layer is added) but num_layers={num_layers}"
+                f"{name}={bits} make {len(bits) + 1} layers (the final layer is added) but num_layers={num_layers}"
             )
         return bits, len(bits) + 1
     if num_layers is None and (need_num_layers or callable(bits)):
         raise ValueError(
-            f"bits={bits!r} does not fix the number of layers: pass num_layers (an int >= 2, final layer included)"
+            f"{name}={bits!r} does not fix the number of layers: pass num_layers (an int >= 2, final layer included)"
         )
     return bits, num_layers
