@@ -407,6 +407,7 @@ def test_svq_file_truncated(work, capsys):
     (np.zeros((0, 3), np.float32), ("empty",)),
     (np.ones((20, 3), dtype=bool), ("dtype bool",)),
     (np.zeros(30, np.float32), ("[N, D]",)),
+    (np.full((20, 3), 1e39), ("float32 range",)),
 ])  # fmt: skip
 def test_data_not_usable_vectors(work, capsys, array, says):
     np.save(work / "bad.npy", array)

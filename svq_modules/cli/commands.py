@@ -45,8 +45,8 @@ TRAINING_OPTIONS = {
 }
 
 
-def _load_vectors(path: Path, key: str | None, what: str) -> np.ndarray:
-    """The data array of ``compress``: ``[N, D]`` float (integer arrays are refused, not converted)."""
+def _load_vectors(path: Path, key: str | None, what: str) -> tuple[np.ndarray, torch.Tensor]:
+    """The data of ``compress``: the array as stored and as ``[N, D]`` float32 (integer arrays are refused)."""
     try:
         arr = load_array(path, key)
     except (ValueError, FileNotFoundError) as e:
@@ -60,11 +60,14 @@ def _load_vectors(path: Path, key: str | None, what: str) -> np.ndarray:
             f"{what}: expected an [N, D] array, got shape {list(arr.shape)}; reshape it to [N, D] first "
             f"(e.g. x.reshape(-1, {arr.shape[-1]}) for vectors along the last axis)"
         )
+    limit = float(np.finfo(np.float32).max)
+    if arr.size and (float(arr.max()) > limit or float(arr.min()) < -limit):  # training runs in float32
+        raise CLIError(f"{what}: values beyond the float32 range (|x| > {limit:.3g}); scale the data first")
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     try:
-        check_vectors(torch.from_numpy(arr[:1]), name=what)  # dtype and shape (load_array checked the values)
+        return arr, check_vectors(x, name=what)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    return arr
 
 
 def _fit_options(args: argparse.Namespace) -> FitOptions:
@@ -110,8 +113,7 @@ def compress_array(args: argparse.Namespace) -> int:
     out_paths = [check_output_file(path, opt, suffixes) for opt, path, suffixes in outputs]
 
     # 2. inputs
-    arr = _load_vectors(data, args.key, str(args.data))
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    arr, x = _load_vectors(data, args.key, str(args.data))
     vq = load_model(inputs[1][1], f"--model {args.model}") if args.model else None
     if vq is not None and vq.dim != x.shape[1]:
         raise CLIError(f"--model {args.model}: the model is for D={vq.dim}, the data has D={x.shape[1]}")
