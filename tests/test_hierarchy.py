@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from svq_modules.hierarchy import Hierarchy, build_hierarchy, code_statistics
+from svq_modules.hierarchy import Hierarchy, build_constrained_hierarchy, build_hierarchy, code_statistics
 
 
 def greedy_ward(counts, sums):
@@ -195,3 +195,36 @@ def test_empty_codes_do_not_change_the_tree_of_the_others():
     ref = {frozenset(kept[list(m)].tolist()) for m, _ in tree_merges(sub)}
     assert ours == ref
     torch.testing.assert_close(h.center[h.root], sums.sum(0) / counts.sum())
+
+
+def test_constrained_tree_keeps_every_cell_a_subtree():
+    g = torch.Generator().manual_seed(9)
+    K = 80
+    codebook = torch.randn(K, 2, generator=g, dtype=torch.float64)
+    counts = torch.randint(0, 10, (K,), generator=g).double()
+    coarse = torch.randint(0, 3, (K,), generator=g)
+    fine = coarse * 4 + torch.randint(0, 4, (K,), generator=g)
+    fine[0], counts[0] = 99, 0.0  # an empty code alone in its finest cell
+    constraints = torch.stack([coarse, fine])
+    h, level = build_constrained_hierarchy(codebook, counts, codebook * counts[:, None], constraints)
+    members = {i: {i} for i in range(K)}
+    for i, (a, b) in enumerate(h.children.tolist()):
+        members[K + i] = members[a] | members[b]
+    subtrees = {frozenset(m) for m in members.values()}
+    for row in constraints:
+        for value in row.unique():
+            assert frozenset((row == value).nonzero().squeeze(1).tolist()) in subtrees
+    assert (level[:K] == -1).all()
+    for node in range(K, 2 * K - 1):
+        leaves = torch.tensor(sorted(members[node]))
+        lev = int(level[node])
+        if lev > 0:  # formed inside one label of row lev - 1
+            assert constraints[lev - 1, leaves].unique().numel() == 1
+        if lev < 2:  # formed across labels of the next finer row
+            assert constraints[lev, leaves].unique().numel() >= 2
+    plain = build_hierarchy(codebook, counts, codebook * counts[:, None])
+    free, free_level = build_constrained_hierarchy(codebook, counts, codebook * counts[:, None])
+    assert torch.equal(free.parent, plain.parent) and torch.equal(free.merge_cost, plain.merge_cost)
+    assert (free_level[K:] == 0).all() and (free_level[:K] == -1).all()
+    with pytest.raises(ValueError, match="constraints must be"):
+        build_constrained_hierarchy(codebook, constraints=coarse)
