@@ -14,13 +14,12 @@ from hydra.errors import HydraException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from svq_modules.lightning import checks, entry
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402  (the training script, imported for its config checks)
-
+# groups whose options are a node with a _target_ (or a dict of them)
 GROUPS = {
     "data": ["default_images", "image_folder", "vectors"],
     "model": ["autoencoder", "vectors"],
@@ -28,6 +27,14 @@ GROUPS = {
     "callbacks": ["default"],
     "logger": ["csv", "tensorboard", "many"],
     "proposal": ["default", "fixed", "balanced_clusters", "balanced_values"],
+}
+# groups of plain settings (the lightning-hydra-template layout)
+SETTINGS = {
+    "model/quantizer": ["default"],
+    "paths": ["default"],
+    "hydra": ["default"],
+    "debug": ["default", "fast_dev_run", "overfit"],
+    "experiment": ["default_images"],
 }
 
 
@@ -40,9 +47,74 @@ def _compose(name: str = "train", overrides: list[str] | None = None, tmp_path: 
 
 
 def test_config_groups_on_disk_match_the_documented_options():
-    for group, options in GROUPS.items():
+    for group, options in {**GROUPS, **SETTINGS}.items():
         on_disk = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
         assert on_disk == sorted(options), group
+    groups = {p.parent.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS}
+    assert groups == set(GROUPS) | set(SETTINGS)
+
+
+def _blocks(name: str) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS / name)).items() if k != "defaults"}
+
+
+def test_train_and_eval_share_paths_and_hydra_and_repeat_no_block():
+    train_cfg, eval_cfg = _blocks("train.yaml"), _blocks("eval.yaml")
+    for cfg in (train_cfg, eval_cfg):
+        assert not {"paths", "hydra"} & set(cfg)  # both come from the groups
+    shared = {k for k in set(train_cfg) & set(eval_cfg) if isinstance(train_cfg[k], dict)}
+    assert not shared, shared
+    for name in ("train.yaml", "eval.yaml"):
+        defaults = OmegaConf.load(CONFIGS / name).defaults
+        assert {"paths": "default"} in defaults and {"hydra": "default"} in defaults
+
+
+def test_one_quantizer_config_for_every_model():
+    for option in GROUPS["model"]:
+        raw = OmegaConf.load(CONFIGS / "model" / f"{option}.yaml")
+        assert "quantizer" not in raw and {"quantizer": "default"} in raw.defaults
+        cfg = _compose(overrides=[f"model={option}"] + (["data=vectors", "data.path=x"] if option == "vectors" else []))
+        assert cfg.model.quantizer == OmegaConf.load(CONFIGS / "model" / "quantizer" / "default.yaml")
+    cfg = _compose(overrides=["model.quantizer.decay=0.9"])
+    assert cfg.model.quantizer.decay == 0.9
+
+
+def test_paths_and_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    OmegaConf.set_readonly(cfg.hydra, False)
+    cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert Path(cfg.paths.root_dir) == tmp_path
+        assert Path(cfg.paths.log_dir) == tmp_path / "outputs"
+        assert Path(cfg.paths.data_dir) == tmp_path / "data"
+        assert Path(cfg.hydra.run.dir).parent == tmp_path / "outputs" / "train"
+        assert Path(cfg.paths.output_dir) == tmp_path / "run"
+    finally:
+        HydraConfig.instance().cfg = None
+    loggers = cfg.hydra.job_logging.loggers
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # no handler of their own: printed once
+        assert list(loggers[name].handlers) == [] and loggers[name].propagate is True
+
+
+def test_experiment_default_images_is_the_default_run():
+    assert _compose(overrides=["experiment=default_images"]) == _compose()
+
+
+@pytest.mark.parametrize("option", SETTINGS["debug"])
+def test_debug_options(option):
+    cfg = _compose(overrides=[f"debug={option}"])
+    assert cfg.task_name == "debug" and cfg.trainer.max_epochs >= 1
+    if option == "fast_dev_run":
+        assert cfg.trainer.fast_dev_run is True
+    if option == "overfit":
+        assert cfg.trainer.overfit_batches == 1
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert trainer.fast_dev_run == (option == "fast_dev_run")
 
 
 def test_default_train_config():
@@ -55,7 +127,7 @@ def test_default_train_config():
     assert cfg.trainer.accelerator == "cpu"
     assert set(cfg.callbacks) >= {"model_checkpoint", "hierarchy_update", "rate_distortion"}
     assert cfg.callbacks.model_checkpoint.save_last is True
-    assert train.resolve_proposal(cfg) == {"bits": [4, 2, 2, 2, 2], "num_layers": None}
+    assert checks.resolve_proposal(cfg) == {"bits": [4, 2, 2, 2, 2], "num_layers": 6}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -84,7 +156,7 @@ def test_trainer_options(option, tmp_path):
 @pytest.mark.parametrize("option", GROUPS["logger"])
 def test_logger_options_instantiate_in_the_run_dir(option, tmp_path):
     cfg = _compose(overrides=[f"logger={option}"], tmp_path=tmp_path)
-    loggers = train.instantiate_list(cfg.logger)
+    loggers = entry.instantiate_list(cfg.logger, "logger")
     assert len(loggers) == (2 if option == "many" else 1)
     for lg in loggers:
         assert Path(lg.save_dir) == tmp_path
@@ -98,7 +170,7 @@ def test_callbacks_instantiate(tmp_path):
     from svq_modules.lightning import HierarchyUpdateCallback, RateDistortionCallback
 
     cfg = _compose(tmp_path=tmp_path)
-    callbacks = train.instantiate_list(cfg.callbacks)
+    callbacks = entry.instantiate_list(cfg.callbacks)
     kinds = {type(c) for c in callbacks}
     assert {ModelCheckpoint, HierarchyUpdateCallback, RateDistortionCallback} <= kinds
     ckpt = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
@@ -108,9 +180,9 @@ def test_callbacks_instantiate(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["bits=[4,2,2,2,2]"], {"bits": [4, 2, 2, 2, 2], "num_layers": None}),
-    (["bits=[3,3]"], {"bits": [3, 3], "num_layers": None}),
-    (["bits=[6]"], {"bits": [6], "num_layers": None}),
+    (["bits=[4,2,2,2,2]"], {"bits": [4, 2, 2, 2, 2], "num_layers": 6}),
+    (["bits=[3,3]"], {"bits": [3, 3], "num_layers": 3}),
+    (["bits=[6]"], {"bits": [6], "num_layers": 2}),
     (["proposal=fixed"], {"bits": 2, "num_layers": 6}),
     (["proposal=fixed", "proposal.bits=3", "proposal.num_layers=4"], {"bits": 3, "num_layers": 4}),
     (["proposal=balanced_clusters"], {"bits": "balanced_clusters", "num_layers": 6}),
@@ -118,13 +190,13 @@ def test_callbacks_instantiate(tmp_path):
 ])
 def test_bits_and_proposal_overrides(overrides, expected):
     cfg = _compose(overrides=overrides)
-    assert train.check_config(cfg) == expected
+    assert checks.check_train_config(cfg) == expected
 
 
 @pytest.mark.parametrize("overrides", [["bits=[4,2,2]"], ["proposal=fixed"], ["proposal=balanced_values"]])
 def test_resolved_proposal_builds_the_model(overrides):
     cfg = _compose(overrides=overrides + ["model.codebook_size=32", "model.channels=8"])
-    spec = train.check_config(cfg)
+    spec = checks.check_train_config(cfg)
     model = instantiate(cfg.model, _convert_="all", **spec)
     assert model.quantizer.num_layers == (4 if overrides == ["bits=[4,2,2]"] else 6)
     assert model.hparams.bits == spec["bits"]
@@ -141,18 +213,19 @@ def test_resolved_proposal_builds_the_model(overrides):
     (["bits=[4,true]"], "ints"),
     (["bits=[40]"], "at most 24"),
     (["proposal=fixed", "proposal.num_layers=null"], "num_layers"),
-    (["proposal=fixed", "proposal.bits=0"], ">= 1"),
+    (["proposal=fixed", "proposal.bits=0"], "at least 1 bit"),
     (["proposal=balanced_clusters", "proposal.num_layers=1"], "num_layers"),
     (["proposal=balanced_clusters", "proposal.bits=balanced_nothing"], "balanced_nothing"),
     (["model.codebook_size=0"], "codebook_size"),
     (["data=image_folder"], "data.root"),
     (["data=vectors"], "data.path"),
-    (["ckpt_path=/nonexistent/last.ckpt"], "does not exist"),
+    (["ckpt_path=/nonexistent/last.ckpt"], "no such file"),
+    (["seed=1.5"], "seed"),
 ])
 def test_bad_overrides_fail_with_a_clear_message(overrides, message):
     cfg = _compose(overrides=overrides)
-    with pytest.raises(train.ConfigError, match=None) as info:
-        train.check_config(cfg)
+    with pytest.raises(checks.ConfigError) as info:
+        checks.check_train_config(cfg)
     assert message in str(info.value), str(info.value)
 
 
@@ -174,10 +247,10 @@ def test_data_model_mismatch_is_reported(tmp_path):
     np.save(path, np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
     cfg = _compose(overrides=["data=vectors", f"data.path={path}", "model=autoencoder"])
     dm = instantiate(cfg.data)
-    with pytest.raises(train.ConfigError, match="model=vectors"):
-        train.check_pairing(get_class(cfg.model._target_), dm)
+    with pytest.raises(checks.ConfigError, match="model=vectors"):
+        entry.check_pairing(get_class(cfg.model._target_), dm)
     cfg = _compose(overrides=["data=vectors", f"data.path={path}"])
-    train.check_pairing(get_class(cfg.model._target_), instantiate(cfg.data))  # fine
+    entry.check_pairing(get_class(cfg.model._target_), instantiate(cfg.data))  # fine
 
 
 @pytest.mark.parametrize("option", GROUPS["data"])
@@ -222,7 +295,7 @@ def test_sample_images_validation_is_held_out_and_fixed():
 
 def test_eval_config():
     cfg = _compose("eval", overrides=["ckpt_path=some.ckpt"])
-    assert cfg.ckpt_path == "some.ckpt" and cfg.get("model") is None
+    assert cfg.ckpt_path == "some.ckpt" and cfg.get("model") is None and cfg.module_class is None
     assert cfg.data._target_.endswith("SampleImagesDataModule")
     cfg = _compose("eval")
     assert OmegaConf.is_missing(cfg, "ckpt_path")

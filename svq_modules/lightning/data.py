@@ -15,6 +15,12 @@ validation. Validation comes from a held-out region of every image (its rightmos
 ``val_fraction`` of columns) unless the folder has ``train/`` and ``val/`` sub-folders,
 so the validation figures are measured on pixels the model never trained on.
 ``val_fraction=1.0`` turns whole images into validation data (useful for ``eval.py``).
+Under ``Trainer(overfit_batches=...)`` the training crops are the same every epoch.
+
+Settings are checked when a data module is built or set up: a bad one raises a
+one-line ``ValueError`` that starts with the setting's name and value
+(``crop_size=0 ...``, ``root=/x is not a folder ...``), which ``train.py`` prints as
+``data.<setting>``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ..arrays import load_array
+from ..validation import check_int
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -72,27 +81,37 @@ def _current_rank() -> int:
     return 0
 
 
+def _largest_square(images: Sequence[torch.Tensor]) -> int:
+    return max((min(img.shape[1], img.shape[2]) for img in images), default=0)
+
+
+def _sizes(images: Sequence[torch.Tensor]) -> str:
+    sizes = sorted({f"{img.shape[2]}x{img.shape[1]}" for img in images})
+    return ", ".join(sizes[:6]) + (", ..." if len(sizes) > 6 else "")
+
+
 class RandomCropDataset(Dataset):
     """``length`` random ``crop_size`` crops (float in [0, 1], [3, s, s]) of in-memory images.
 
     Crop positions come from a numpy generator seeded by ``(seed, rank, worker id)``:
     reproducible for a given run, different on every DDP rank and dataloader worker.
-    Images are drawn in proportion to their number of possible crop positions.
+    Images are drawn in proportion to their number of possible crop positions. With
+    ``fixed=True`` crop ``i`` depends on ``(seed, i)`` only: the same crops every epoch
+    (for overfitting checks).
     """
 
     def __init__(self, images: Sequence[torch.Tensor], crop_size: int, length: int, *, hflip: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, fixed: bool = False):
+        crop_size = check_int(crop_size, "crop_size", min=1)
         self.images = [img for img in images if img.shape[1] >= crop_size and img.shape[2] >= crop_size]
         if not self.images:
-            sizes = [tuple(img.shape[1:]) for img in images]
-            raise ValueError(f"no training image is at least {crop_size}x{crop_size} pixels (sizes: {sizes}); "
-                             f"lower data.crop_size")
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        self.crop_size = int(crop_size)
-        self.length = int(length)
+            raise ValueError(f"crop_size={crop_size} is larger than every training image (width x height: "
+                             f"{_sizes(images)}); allowed: at most {_largest_square(images)}")
+        self.crop_size = crop_size
+        self.length = check_int(length, "train_crops_per_epoch", min=1)
         self.hflip = bool(hflip)
         self.seed = int(seed)
+        self.fixed = bool(fixed)
         positions = np.array([(img.shape[1] - crop_size + 1) * (img.shape[2] - crop_size + 1) for img in self.images],
                              dtype=np.float64)
         self.image_weights = positions / positions.sum()
@@ -111,7 +130,7 @@ class RandomCropDataset(Dataset):
         return self._rng
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        rng = self._generator()
+        rng = np.random.default_rng([self.seed, int(index)]) if self.fixed else self._generator()
         img = self.images[int(rng.choice(len(self.images), p=self.image_weights))]
         s = self.crop_size
         top = int(rng.integers(0, img.shape[1] - s + 1))
@@ -129,7 +148,7 @@ class FixedCropDataset(Dataset):
     """
 
     def __init__(self, images: Sequence[torch.Tensor], crop_size: int, max_crops: int | None = None):
-        self.crop_size = int(crop_size)
+        crop_size = self.crop_size = check_int(crop_size, "val_crop_size", min=1)
         boxes: list[tuple[int, int, int]] = []
         for i, img in enumerate(images):
             rows, cols = img.shape[1] // crop_size, img.shape[2] // crop_size
@@ -140,9 +159,8 @@ class FixedCropDataset(Dataset):
                 for c in range(cols):
                     boxes.append((i, top0 + r * crop_size, left0 + c * crop_size))
         if not boxes:
-            sizes = [tuple(img.shape[1:]) for img in images]
-            raise ValueError(f"no validation image region is at least {crop_size}x{crop_size} pixels "
-                             f"(sizes: {sizes}); lower data.val_crop_size or raise data.val_fraction")
+            raise ValueError(f"val_crop_size={crop_size} is larger than every validation region (width x height: "
+                             f"{_sizes(images)}); allowed: at most {_largest_square(images)} (or raise val_fraction)")
         if max_crops is not None and len(boxes) > max_crops:
             pick = np.linspace(0, len(boxes) - 1, int(max_crops)).round().astype(int)
             boxes = [boxes[j] for j in pick]
@@ -221,23 +239,18 @@ class ImageCropDataModule(_LoadersMixin, L.LightningDataModule):
                  batch_size: int = 16, val_batch_size: int = 8, val_fraction: float = 0.2,
                  max_val_crops: int | None = None, hflip: bool = True, num_workers: int = 0, seed: int = 0):
         super().__init__()
-        if not 0.0 <= float(val_fraction) <= 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
-        for name, value in (("crop_size", crop_size), ("val_crop_size", val_crop_size),
-                            ("train_crops_per_epoch", train_crops_per_epoch), ("batch_size", batch_size),
-                            ("val_batch_size", val_batch_size)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        self.crop_size = int(crop_size)
-        self.val_crop_size = int(val_crop_size)
-        self.train_crops_per_epoch = int(train_crops_per_epoch)
-        self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction <= 1:
+            raise ValueError(f"val_fraction={val_fraction!r} is not allowed: a number in [0, 1]")
+        self.crop_size = check_int(crop_size, "crop_size", min=1)
+        self.val_crop_size = check_int(val_crop_size, "val_crop_size", min=1)
+        self.train_crops_per_epoch = check_int(train_crops_per_epoch, "train_crops_per_epoch", min=1)
+        self.batch_size = check_int(batch_size, "batch_size", min=1)
+        self.val_batch_size = check_int(val_batch_size, "val_batch_size", min=1)
         self.val_fraction = float(val_fraction)
-        self.max_val_crops = None if max_val_crops is None else int(max_val_crops)
+        self.max_val_crops = None if max_val_crops is None else check_int(max_val_crops, "max_val_crops", min=1)
         self.hflip = bool(hflip)
-        self.num_workers = int(num_workers)
-        self.seed = int(seed)
+        self.num_workers = check_int(num_workers, "num_workers", min=0)
+        self.seed = check_int(seed, "seed")
         self.train_images: list[torch.Tensor] | None = None
         self.val_images: list[torch.Tensor] | None = None
         self.data_train: RandomCropDataset | None = None
@@ -272,14 +285,22 @@ class ImageCropDataModule(_LoadersMixin, L.LightningDataModule):
             self.train_images, self.val_images = train_images, val_images
         if stage in (None, "fit") and self.data_train is None:
             if not self.train_images:
-                raise ValueError("no training pixels: data.val_fraction=1.0 leaves nothing to train on")
+                raise ValueError(f"val_fraction={self.val_fraction} leaves no pixels to train on; allowed for "
+                                 f"training: below 1 (e.g. 0.2)")
             self.data_train = RandomCropDataset(self.train_images, self.crop_size, self.train_crops_per_epoch,
                                                 hflip=self.hflip, seed=self.seed)
         if stage in (None, "fit", "validate", "test") and self.data_val is None:
             if not self.val_images:
-                raise ValueError("no validation pixels: raise data.val_fraction (e.g. 0.2)")
+                raise ValueError(f"val_fraction={self.val_fraction} leaves no pixels to validate on; allowed: "
+                                 f"above 0 (e.g. 0.2)")
             self.data_val = FixedCropDataset(self.val_images, self.val_crop_size, self.max_val_crops)
 
+    def train_dataloader(self) -> DataLoader:
+        # Trainer(overfit_batches=...): the same crops every epoch, or there is nothing to overfit
+        if self.data_train is not None:
+            trainer = self.trainer
+            self.data_train.fixed = bool(trainer is not None and trainer.overfit_batches)
+        return super().train_dataloader()
 
 
 class SampleImagesDataModule(ImageCropDataModule):
@@ -291,9 +312,12 @@ class SampleImagesDataModule(ImageCropDataModule):
 
     def __init__(self, names: Sequence[str] = ("china.jpg", "flower.jpg"), **kwargs):
         super().__init__(**kwargs)
+        names = [names] if isinstance(names, str) else list(names)
+        allowed = _sample_image_names()
+        if not names or any(str(n) not in allowed for n in names):
+            raise ValueError(f"names={names} is not allowed: a non-empty list of scikit-learn's sample images "
+                             f"{allowed}")
         self.names = [str(n) for n in names]
-        if not self.names:
-            raise ValueError("names must list at least one sklearn sample image")
         self.save_hyperparameters()
 
     def load_images(self) -> tuple[list[torch.Tensor], None]:
@@ -302,15 +326,25 @@ class SampleImagesDataModule(ImageCropDataModule):
         return [_to_chw_uint8(load_sample_image(name)) for name in self.names], None
 
 
+def _sample_image_names() -> list[str]:
+    import sklearn.datasets
+
+    return sorted(p.name for p in (Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
+
+
 def _list_images(folder: Path, recursive: bool) -> list[Path]:
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _read_image(path: Path, max_side: int | None) -> torch.Tensor:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not an image PIL can read ({type(e).__name__})") from None
+    with im:
         im = im.convert("RGB")
         if max_side is not None and max(im.size) > max_side:
             scale = max_side / max(im.size)
@@ -335,25 +369,26 @@ class ImageFolderDataModule(ImageCropDataModule):
     def __init__(self, root: str, recursive: bool = True, max_side: int | None = 1024, **kwargs):
         super().__init__(**kwargs)
         if root is None or str(root) in ("", "???"):
-            raise ValueError("ImageFolderDataModule needs data.root=<folder of images>")
+            raise ValueError(f"root={root!r} is not allowed: a folder of images ({', '.join(IMAGE_EXTENSIONS)})")
         self.root = Path(str(root)).expanduser()
         self.recursive = bool(recursive)
-        self.max_side = None if max_side is None else int(max_side)
+        self.max_side = None if max_side is None else check_int(max_side, "max_side", min=1)
         self.save_hyperparameters()
 
     def load_images(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        allowed = f"allowed: a folder of images ({', '.join(IMAGE_EXTENSIONS)})"
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data.root={self.root} is not a folder")
+            raise ValueError(f"root={self.root} is not a folder; {allowed}")
         train_dir, val_dir = self.root / "train", self.root / "val"
         if train_dir.is_dir() and val_dir.is_dir():
             train = [_read_image(p, self.max_side) for p in _list_images(train_dir, self.recursive)]
             val = [_read_image(p, self.max_side) for p in _list_images(val_dir, self.recursive)]
             if not train or not val:
-                raise FileNotFoundError(f"{train_dir} and {val_dir} must both hold images ({IMAGE_EXTENSIONS})")
+                raise ValueError(f"root={self.root}: its train/ and val/ sub-folders must both hold images; {allowed}")
             return train, val
         paths = _list_images(self.root, self.recursive)
         if not paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
+            raise ValueError(f"root={self.root} holds no images; {allowed}")
         return [_read_image(p, self.max_side) for p in paths], None
 
 
@@ -361,47 +396,18 @@ class ImageFolderDataModule(ImageCropDataModule):
 # vectors
 # ----------------------------------------------------------------------------------------
 
-def _entry_name(keys, key: str | None, path: Path) -> str:
-    """The entry of a multi-array file to read: ``key``, or the first one."""
-    names = list(keys)
-    if not names:
-        raise ValueError(f"{path} holds no arrays")
-    name = key if key is not None else names[0]
-    if name not in names:
-        raise KeyError(f"{path} has no array {name!r} (has {names})")
-    return name
-
-
 def load_vectors(path: str | os.PathLike, key: str | None = None) -> torch.Tensor:
-    """Load an ``[N, D]`` float array from ``.npy``, ``.npz`` or ``.pt``/``.pth``.
+    """An ``[N, D]`` float tensor from ``.npy``, ``.npz`` or ``.pt`` (read by :func:`svq_modules.arrays.load_array`).
 
     ``key`` picks an entry of an ``.npz`` archive or of a dict saved with ``torch.save``
     (default: the only / first entry). Returns float32 (float64 stays float64).
+    Raises ``FileNotFoundError`` / ``ValueError`` as ``load_array`` does, and
+    ``ValueError`` for arrays that are not 2-D.
     """
-    p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"vector file {p} does not exist")
-    suffix = p.suffix.lower()
-    if suffix == ".npy":
-        data = np.load(p, allow_pickle=False)
-    elif suffix == ".npz":
-        with np.load(p, allow_pickle=False) as archive:
-            data = archive[_entry_name(archive.keys(), key, p)]
-    elif suffix in (".pt", ".pth"):
-        data = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(data, dict):
-            data = data[_entry_name(data.keys(), key, p)]
-    else:
-        raise ValueError(f"unsupported vector file type {suffix!r} ({p}); use .npy, .npz or .pt")
-    x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
+    x = torch.from_numpy(np.array(load_array(path, key)))
     if x.ndim != 2:
-        raise ValueError(f"expected an [N, D] array in {p}, got shape {tuple(x.shape)}")
-    if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-        raise ValueError(f"expected numbers in {p}, got dtype {x.dtype}")
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{p} contains NaN or Inf values")
-    return x
+        raise ValueError(f"{path}: expected an [N, D] array, got shape {list(x.shape)}")
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 class _Vectors(Dataset):
@@ -413,6 +419,9 @@ class _Vectors(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.x[index]
+
+
+_VECTOR_FILES = "a .npy, .npz or .pt file holding an [N, D] array (data.key names an .npz / dict entry)"
 
 
 class VectorDataModule(_LoadersMixin, L.LightningDataModule):
@@ -434,19 +443,19 @@ class VectorDataModule(_LoadersMixin, L.LightningDataModule):
                  val_batch_size: int = 4096, dtype: str = "float32", num_workers: int = 0, seed: int = 0):
         super().__init__()
         if path is None or str(path) in ("", "???"):
-            raise ValueError("VectorDataModule needs data.path=<file.npy|.npz|.pt>")
-        if not 0.0 < float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise ValueError(f"path={path!r} is not allowed: {_VECTOR_FILES}")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction!r} is not allowed: a number in (0, 1)")
         if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+            raise ValueError(f"dtype={dtype!r} is not allowed: float32 or float64")
         self.path = str(path)
         self.key = key
         self.val_fraction = float(val_fraction)
-        self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size)
+        self.batch_size = check_int(batch_size, "batch_size", min=1)
+        self.val_batch_size = check_int(val_batch_size, "val_batch_size", min=1)
         self.dtype = getattr(torch, dtype)
-        self.num_workers = int(num_workers)
-        self.seed = int(seed)
+        self.num_workers = check_int(num_workers, "num_workers", min=0)
+        self.seed = check_int(seed, "seed")
         self.save_hyperparameters()
         self.vectors: torch.Tensor | None = None
         self.data_train: _Vectors | None = None
@@ -454,7 +463,14 @@ class VectorDataModule(_LoadersMixin, L.LightningDataModule):
 
     def _load(self) -> torch.Tensor:
         if self.vectors is None:
-            self.vectors = load_vectors(self.path, self.key).to(self.dtype)
+            try:
+                x = load_vectors(self.path, self.key)
+            except (OSError, ValueError) as e:
+                msg = str(e)
+                for head in (f"{Path(self.path).expanduser()}: ", f"{self.path}: "):
+                    msg = msg[len(head):] if msg.startswith(head) else msg
+                raise ValueError(f"path={self.path}: {msg}; allowed: {_VECTOR_FILES}") from None
+            self.vectors = x.to(self.dtype)
         return self.vectors
 
     @property
@@ -472,7 +488,7 @@ class VectorDataModule(_LoadersMixin, L.LightningDataModule):
         x = self._load()
         n = x.shape[0]
         if n < 2:
-            raise ValueError(f"{self.path} holds {n} vector(s); need at least 2 for a train/val split")
+            raise ValueError(f"path={self.path} holds {n} vector(s); allowed: at least 2 (for a train/val split)")
         n_val = min(max(1, int(math.floor(n * self.val_fraction))), n - 1)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         self.data_val = _Vectors(x[perm[:n_val]])

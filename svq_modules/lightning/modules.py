@@ -7,43 +7,35 @@
 
 Both call ``save_hyperparameters()`` with plain Python values only, so
 ``Cls.load_from_checkpoint(path)`` rebuilds the model in a fresh process (also with
-``torch.load(weights_only=True)``), and both expose the same small interface the
-callbacks use:
-
-* ``quantizer`` -- the ScalableVQ;
-* ``rd_outputs(batch) -> RDOutputs`` -- target and reconstruction after every layer;
-* ``rd_unit`` (``"bpp"`` or ``"bits"``) and ``data_range`` (for PSNR).
-
-Helpers: :func:`load_lit_module` (any checkpoint written by these modules, class read
-from the checkpoint) and :func:`extract_quantizer` (the bare ScalableVQ of a checkpoint).
+``torch.load(weights_only=True)``), and both follow the callbacks' protocol
+(:mod:`svq_modules.lightning.protocol`): a ScalableVQ inside (here ``quantizer``),
+``rd_outputs(batch) -> RDOutputs``, ``rd_unit`` (``"bpp"`` or ``"bits"``) and
+``data_range`` (for PSNR).
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..validation import check_bits_list
+from ..nn import ScalableVQ
+from ..validation import check_bit_proposal, check_int
+from .protocol import CLASS_KEY, RDOutputs, refresh_hierarchy_in_checkpoint
 
 __all__ = [
     "Proposal",
-    "RDOutputs",
     "ScalableVQAutoencoder",
     "ScalableVQVectors",
-    "load_lit_module",
-    "extract_quantizer",
-    "quantizer_modules",
+    "build_quantizer",
+    "to_plain",
 ]
-
-CLASS_KEY = "svq_lightning_module"  # checkpoint entry naming the LightningModule class
-_PROPOSAL_NAMES = ("balanced_clusters", "balanced_values")
 
 
 # ----------------------------------------------------------------------------------------
@@ -57,88 +49,30 @@ class Proposal:
     ``bits`` is a list of positive ints (base layer first; one more, final layer is
     added), an int (that many bits in every layer), or ``"balanced_clusters"`` /
     ``"balanced_values"``. Anything but a list needs ``num_layers`` (final layer
-    included), because the module's buffer shapes depend on it.
+    included), because the module's buffer shapes depend on it. Checked by
+    :func:`svq_modules.validation.check_bit_proposal` (``ValueError`` otherwise).
     """
 
     bits: Any = (4, 2, 2, 2, 2)
     num_layers: int | None = None
 
     def __post_init__(self) -> None:
-        self.bits, self.num_layers = check_proposal(self.bits, self.num_layers)
+        self.bits, self.num_layers = check_bit_proposal(to_plain(self.bits), self.num_layers)
 
     def as_kwargs(self) -> dict[str, Any]:
         return {"bits": self.bits, "num_layers": self.num_layers}
-
-
-def check_proposal(bits: Any, num_layers: Any = None) -> tuple[Any, int | None]:
-    """Validate a bit proposal; returns ``(bits, num_layers)`` as plain Python values.
-
-    Raises ``ValueError`` with a message that says what is accepted.
-    """
-    hint = ("expected a list of positive ints such as bits=[4,2,2,2,2], or proposal=fixed / balanced_clusters / "
-            "balanced_values")
-    if num_layers is not None:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
-            raise ValueError(f"num_layers must be an int >= 2 (base layer + final layer), got {num_layers!r}")
-    if isinstance(bits, bool) or bits is None:
-        raise ValueError(f"bits={bits!r} is not a bit proposal; {hint}")
-    if isinstance(bits, str):
-        if bits not in _PROPOSAL_NAMES:
-            raise ValueError(f"bits={bits!r} is not a bit proposal; {hint}")
-        if num_layers is None:
-            raise ValueError(f"the named bit proposal {bits!r} needs num_layers (e.g. num_layers=6)")
-        return bits, num_layers
-    if isinstance(bits, int):
-        if bits < 1:
-            raise ValueError(f"bits must be >= 1, got {bits}")
-        if bits > 24:
-            raise ValueError(f"bits={bits} per layer is far more than any codebook needs (max 24)")
-        if num_layers is None:
-            raise ValueError(f"a fixed width bits={bits} needs num_layers (e.g. num_layers=6)")
-        return bits, num_layers
-    if callable(bits):
-        if num_layers is None:
-            raise ValueError("a callable bit proposal needs num_layers")
-        return bits, num_layers
-    try:
-        values = list(bits)
-    except TypeError:
-        raise ValueError(f"bits={bits!r} is not a bit proposal; {hint}") from None
-    try:
-        out = check_bits_list(values)
-    except ValueError as e:
-        raise ValueError(f"{e}; {hint}") from None
-    for b in out:
-        if b > 24:
-            raise ValueError(f"{b} bits in one layer is far more than any codebook needs (max 24), got {out}")
-    if num_layers is not None and num_layers != len(out) + 1:
-        raise ValueError(f"bits={out} make {len(out) + 1} layers (the final layer is added) "
-                         f"but num_layers={num_layers}")
-    return out, None
 
 
 # ----------------------------------------------------------------------------------------
 # shared machinery
 # ----------------------------------------------------------------------------------------
 
-class RDOutputs(NamedTuple):
-    """What :class:`~svq_modules.lightning.callbacks.RateDistortionCallback` needs from one batch.
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers / tuples -> plain Python lists and dicts (resolved).
 
-    target: the data (images in [0, 1] or vectors).
-    recon: reconstruction after layers ``0..l`` for ``l = 0..L-1`` (same shape as target).
-    indices: codeword indices of the batch (any shape).
-    elements_per_vector: data elements one quantized vector stands for (pixels per
-        latent vector for images, 1 for vectors) -- rate per element = bits / this.
+    Hyper-parameters pass through it so checkpoints hold plain values only (they
+    then load with ``torch.load(weights_only=True)``).
     """
-
-    target: Tensor
-    recon: list[Tensor]
-    indices: Tensor
-    elements_per_vector: float
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers / tuples -> plain Python (so hparams survive weights_only loading)."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -146,45 +80,39 @@ def _plain(value: Any) -> Any:
             return OmegaConf.to_container(value, resolve=True)
     except ImportError:  # pragma: no cover
         pass
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
+    if isinstance(value, (tuple, list)):
+        return [to_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     return value
 
 
-def _scalable_vq_class():
-    from svq_modules.nn import ScalableVQ
-
-    return ScalableVQ
-
-
-def quantizer_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every ScalableVQ inside ``module`` (the module itself included, name ``""``)."""
-    cls = _scalable_vq_class()
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, cls)]
-
-
 def build_quantizer(dim: int, codebook_size: int, bits: Any, num_layers: int | None, channel_first: bool,
-                    options: dict[str, Any] | None) -> nn.Module:
-    """Construct the ScalableVQ with the module's hyper-parameters."""
-    cls = _scalable_vq_class()
+                    options: dict[str, Any] | None) -> ScalableVQ:
+    """Construct the ScalableVQ with the module's hyper-parameters (``options``: the rest of its arguments)."""
     options = dict(options or {})
-    for key in ("dim", "codebook_size", "bits", "num_layers", "channel_first"):
+    own = ("dim", "codebook_size", "bits", "num_layers", "channel_first")
+    for key in own:
         if key in options:
-            raise ValueError(f"quantizer option {key!r} is set on the model itself (model.{key}), "
-                             f"not under model.quantizer")
-    if isinstance(bits, list):
-        bits = list(bits)
-    return cls(int(dim), int(codebook_size), bits=bits, num_layers=num_layers, channel_first=channel_first, **options)
+            raise ValueError(f"quantizer.{key} is set on the model itself (model.{key}), not under model.quantizer")
+    allowed = sorted(set(inspect.signature(ScalableVQ).parameters) - set(own))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"quantizer.{unknown[0]} is not a ScalableVQ argument; allowed: {allowed}")
+    return ScalableVQ(int(dim), int(codebook_size), bits=bits, num_layers=num_layers, channel_first=channel_first,
+                      **options)
+
+
+def _check_positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
 
 
 class _ScalableVQModule(L.LightningModule):
     """Common parts: checkpoint class tag, fresh hierarchy in every checkpoint, RD interface."""
 
-    quantizer: nn.Module
+    quantizer: ScalableVQ
     rd_unit = "bits"
     data_kind = "vectors"  # which data modules' batches it takes ("images" / "vectors")
     data_range: float | None = None
@@ -200,31 +128,6 @@ class _ScalableVQModule(L.LightningModule):
 
     def rd_outputs(self, batch: Any) -> RDOutputs:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def quantizer_state(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.quantizer.state_dict().items()}
-
-
-def refresh_hierarchy_in_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any], progress: bool = False) -> bool:
-    """Rebuild stale / missing hierarchies and write the fresh buffers into ``checkpoint["state_dict"]``.
-
-    Returns True if anything was rebuilt. Must run on every rank under DDP (``update()``
-    all-reduces), which is the case for checkpoint hooks.
-    """
-    rebuilt = False
-    state = checkpoint.get("state_dict")
-    for name, q in quantizer_modules(pl_module):
-        if q.is_built and not q.is_stale:
-            continue
-        q.update(progress=progress)
-        rebuilt = True
-        if state is not None:
-            prefix = f"{name}." if name else ""
-            for key, value in q.state_dict().items():
-                full = prefix + key
-                if full in state:
-                    state[full] = value.detach().clone()
-    return rebuilt
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,19 +211,24 @@ class ScalableVQAutoencoder(_ScalableVQModule):
                  num_res_blocks: int = 1, in_channels: int = 3, lr: float = 2e-3, weight_decay: float = 0.0,
                  min_lr_ratio: float = 0.1, quantizer: dict[str, Any] | None = None):
         super().__init__()
-        bits, num_layers = check_proposal(_plain(bits), num_layers)
-        quantizer = _plain(quantizer) or {}
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        bits, num_layers = check_bit_proposal(to_plain(bits), num_layers)
+        quantizer = to_plain(quantizer) or {}
+        if isinstance(min_lr_ratio, bool) or not 0.0 <= float(min_lr_ratio) <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        if isinstance(weight_decay, bool) or not float(weight_decay) >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         self.save_hyperparameters({
-            "codebook_size": int(codebook_size), "dim": int(dim), "bits": bits, "num_layers": num_layers,
-            "channels": int(channels), "patch_size": int(patch_size),
-            "num_res_blocks": int(num_res_blocks), "in_channels": int(in_channels), "lr": float(lr),
+            "codebook_size": check_int(codebook_size, "codebook_size", min=2), "dim": check_int(dim, "dim", min=1),
+            "bits": bits, "num_layers": num_layers, "channels": check_int(channels, "channels", min=1),
+            "patch_size": check_int(patch_size, "patch_size", min=1),
+            "num_res_blocks": check_int(num_res_blocks, "num_res_blocks", min=0),
+            "in_channels": check_int(in_channels, "in_channels", min=1), "lr": _check_positive(lr, "lr"),
             "weight_decay": float(weight_decay), "min_lr_ratio": float(min_lr_ratio), "quantizer": quantizer,
         })
-        self.encoder = _encoder(in_channels, channels, dim, patch_size, num_res_blocks)
-        self.decoder = _decoder(in_channels, channels, dim, patch_size, num_res_blocks)
-        self.quantizer = build_quantizer(dim, codebook_size, bits, num_layers, True, quantizer)
+        hp = self.hparams
+        self.encoder = _encoder(hp.in_channels, hp.channels, hp.dim, hp.patch_size, hp.num_res_blocks)
+        self.decoder = _decoder(hp.in_channels, hp.channels, hp.dim, hp.patch_size, hp.num_res_blocks)
+        self.quantizer = build_quantizer(hp.dim, hp.codebook_size, bits, num_layers, True, quantizer)
 
     @property
     def pixels_per_latent(self) -> int:
@@ -445,17 +353,17 @@ class ScalableVQVectors(_ScalableVQModule):
                  num_layers: int | None = None, lr: float = 1e-3, data_range: float | None = None,
                  quantizer: dict[str, Any] | None = None):
         super().__init__()
-        if dim is None or int(dim) < 1:
-            raise ValueError(f"dim must be a positive int (the vectors' dimension), got {dim!r}")
-        bits, num_layers = check_proposal(_plain(bits), num_layers)
-        quantizer = _plain(quantizer) or {}
+        bits, num_layers = check_bit_proposal(to_plain(bits), num_layers)
+        quantizer = to_plain(quantizer) or {}
         self.save_hyperparameters({
-            "dim": int(dim), "codebook_size": int(codebook_size), "bits": bits, "num_layers": num_layers,
-            "lr": float(lr), "data_range": None if data_range is None else float(data_range),
+            "dim": check_int(dim, "dim", min=1), "codebook_size": check_int(codebook_size, "codebook_size", min=2),
+            "bits": bits, "num_layers": num_layers, "lr": _check_positive(lr, "lr"),
+            "data_range": None if data_range is None else _check_positive(data_range, "data_range"),
             "quantizer": quantizer,
         })
         self.data_range = self.hparams.data_range
-        self.quantizer = build_quantizer(dim, codebook_size, bits, num_layers, False, quantizer)
+        self.quantizer = build_quantizer(self.hparams.dim, self.hparams.codebook_size, bits, num_layers, False,
+                                         quantizer)
         self.step_anchor = nn.Parameter(torch.zeros(()))
 
     def _check_vectors(self, x: Any) -> Tensor:
@@ -494,65 +402,3 @@ class ScalableVQVectors(_ScalableVQModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
-
-
-# ----------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------
-
-_KNOWN = {
-    "ScalableVQAutoencoder": ScalableVQAutoencoder,
-    "ScalableVQVectors": ScalableVQVectors,
-}
-
-
-def _load_checkpoint(path: Any) -> dict[str, Any]:
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    return ckpt
-
-
-def _module_class(ckpt: dict[str, Any], path: Any) -> type[L.LightningModule]:
-    name = ckpt.get(CLASS_KEY)
-    if name is None:
-        # older / foreign checkpoints: guess from the hyper-parameters
-        hp = ckpt.get("hyper_parameters", {})
-        if "channels" in hp and "patch_size" in hp:
-            return ScalableVQAutoencoder
-        if "dim" in hp and "codebook_size" in hp:
-            return ScalableVQVectors
-        raise ValueError(f"{path}: cannot tell which LightningModule wrote this checkpoint")
-    module_name, _, qualname = name.rpartition(".")
-    if qualname in _KNOWN and module_name == __name__:
-        return _KNOWN[qualname]
-    cls = getattr(importlib.import_module(module_name), qualname)
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
-        raise ValueError(f"{path}: {name} is not a LightningModule")
-    return cls
-
-
-def load_lit_module(ckpt_path: Any, map_location: Any = "cpu") -> L.LightningModule:
-    """Load a LightningModule written by this package from its checkpoint (class read from it)."""
-    ckpt = _load_checkpoint(ckpt_path)
-    cls = _module_class(ckpt, ckpt_path)
-    return cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, weights_only=True)
-
-
-def extract_quantizer(ckpt_path: Any, map_location: Any = "cpu", name: str | None = None) -> nn.Module:
-    """The bare :class:`ScalableVQ` of a checkpoint (codebook, statistics and built hierarchy).
-
-    Rebuilds the LightningModule from the checkpoint and returns its quantizer in eval
-    mode; ``name`` picks a quantizer by module path when a model holds several.
-    """
-    model = load_lit_module(ckpt_path, map_location=map_location)
-    found = quantizer_modules(model)
-    if not found:
-        raise ValueError(f"{ckpt_path}: the model holds no ScalableVQ")
-    if name is not None:
-        found = [(n, q) for n, q in found if n == name]
-        if not found:
-            raise KeyError(f"{ckpt_path}: no ScalableVQ named {name!r}")
-    elif len(found) > 1:
-        raise ValueError(f"{ckpt_path}: several ScalableVQ modules ({[n for n, _ in found]}); pass name=")
-    return found[0][1].eval()
