@@ -1,4 +1,8 @@
-"""Plain-text tables the command line prints: bytes and MSE per layer of a stream, the chunks of a file."""
+"""What the command line prints: bytes and MSE per layer of a stream, the chunks of a file.
+
+Both tables go through the package's one table formatter,
+:func:`svq_modules.lightning.table.format_rd_table` (plain Python: it does not import Lightning).
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,18 @@ import numpy as np
 import torch
 
 from ..coding import read_header
+from ..lightning.table import format_rd_table
 
-__all__ = ["chunk_table", "format_table", "layer_summary"]
-
-
-def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """Right-aligned columns under ``header`` and a dashed rule."""
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+__all__ = ["chunk_table", "layer_summary"]
 
 
 def layer_summary(chunks: Sequence[bytes], decoded: Any, reference: np.ndarray | None) -> str:
-    """Bytes per layer, cumulative bits per vector and, with a ``reference`` shaped like the data, the MSE per layer.
+    """Per layer: coding, symbols, bytes, cumulative bytes and file bits per vector, and the MSE with a ``reference``.
 
     Args:
         chunks: the layer chunks (at least ``decoded.num_layers``).
         decoded: :class:`~svq_modules.coding.Decoded` of those chunks.
-        reference: the original array ``[..., D]`` (any real dtype), or None.
+        reference: the original array shaped like the data (any real dtype), or None.
     """
     rows = []
     total = 0
@@ -37,13 +33,13 @@ def layer_summary(chunks: Sequence[bytes], decoded: Any, reference: np.ndarray |
     for layer, c in enumerate(chunks[: decoded.num_layers]):
         h = read_header(c)
         total += len(c)
-        row = [layer, h.coding, h.num_symbols, len(c), total, f"{8 * total / n:.3f}"]
+        row: dict[str, Any] = {"layer": layer, "coding": h.coding, "symbols": h.num_symbols, "bytes": len(c),
+                               "cum bytes": total, "cum bits/vec": f"{8 * total / n:.3f}"}  # fmt: skip
         if ref is not None:
             rec = decoded.reconstruction(layer + 1).double().cpu()
-            row.append(f"{float(((rec - ref) ** 2).mean()):.4e}")
+            row["mse"] = float(((rec - ref) ** 2).mean())
         rows.append(row)
-    header = ["layer", "coding", "symbols", "bytes", "cum bytes", "cum bits/vec"] + (["MSE"] if ref is not None else [])
-    return format_table(rows, header)
+    return format_rd_table(rows)
 
 
 def chunk_table(chunks: Sequence[bytes]) -> str:
@@ -51,5 +47,6 @@ def chunk_table(chunks: Sequence[bytes]) -> str:
     rows = []
     for c in chunks:
         h = read_header(c)
-        rows.append([h.layer, h.coding, h.step, h.embed or "-", h.num_vectors, h.num_symbols, h.payload_len, h.embed_len, len(c)])
-    return format_table(rows, ["layer", "coding", "step", "embed", "vectors", "symbols", "payload", "embedded", "bytes"])
+        rows.append({"layer": h.layer, "coding": h.coding, "step": h.step, "embed": h.embed or "-", "vectors": h.num_vectors,
+                     "symbols": h.num_symbols, "payload": h.payload_len, "embedded": h.embed_len, "bytes": len(c)})  # fmt: skip
+    return format_rd_table(rows)
