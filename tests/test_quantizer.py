@@ -277,6 +277,28 @@ def test_stale_hierarchy_is_reported_once():
         vq(x, num_layers=2)
 
 
+def test_update_rebuilds_only_when_missing_stale_or_forced():
+    """``update(force=False) -> bool`` (CompressAI's convention): True when it built, False when the tables were fresh."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 4)
+    vq = ScalableVQ(4, 16, bits=[2, 1])
+    builds = []
+    build = vq.index.build
+    vq.index.build = lambda *args, **kwargs: (builds.append(1), build(*args, **kwargs))[1]
+    vq(x)
+    assert vq.update() is True and len(builds) == 1  # missing
+    assert vq.update() is False and len(builds) == 1  # fresh: nothing rebuilt
+    vq(x)  # a training step moves the codebook
+    assert vq.is_stale
+    assert vq.update() is True and len(builds) == 2 and not vq.is_stale
+    assert vq.update() is False and len(builds) == 2
+    assert vq.update(force=True) is True and len(builds) == 3
+    # a change that bypasses the version counter is seen through the leaves
+    with torch.no_grad():
+        vq.codebook[0] += 1.0
+    assert vq.update() is True and len(builds) == 4
+
+
 def test_bits_validation():
     assert ScalableVQ(4, 16, bits=[3, 1]).num_layers == 3
     assert ScalableVQ(4, 16, bits=2, num_layers=3).num_layers == 3

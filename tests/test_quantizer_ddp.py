@@ -52,7 +52,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         vq = ScalableVQ(d, 32, bits=[2, 2], decay=0.8)
         for b in x.split(256):
             vq(b)
-        vq.eval().update()
+        decisions = [vq.eval().update(), vq.update()]  # built, then fresh on every rank
+        if rank == 1:  # a change only rank 1 sees: every rank must still rebuild (collective broadcasts inside)
+            with torch.no_grad():
+                vq.codebook[0] += 1.0
+        decisions.append(vq.update())
+        torch.save(decisions, os.path.join(out_dir, f"decisions{rank}.pt"))
         torch.save({k: v.clone() for k, v in vq.state_dict().items()}, os.path.join(out_dir, f"bare{rank}.pt"))
 
         # 2) inside DDP (buffers not broadcast by DDP, so the module must sync itself)
@@ -81,11 +86,14 @@ def test_ddp_two_ranks_end_identical(tmp_path):
         assert s0.keys() == s1.keys()
         differing = [k for k in s0 if not torch.equal(s0[k], s1[k])]
         assert not differing, f"{kind}: buffers differ across ranks: {differing}"
-        prefix = "1." if kind == "ddp" else ""
+        prefix = "1.index." if kind == "ddp" else "index."
         assert int(s0[prefix + "built_version"]) >= 0
         assert any(k.startswith(prefix + "tree_") for k in s0) and any(k.startswith(prefix + "layers_") for k in s0)
+    # update() decides jointly: True (missing), False (fresh), True (stale on rank 1 only) on both ranks
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"decisions{rank}.pt") == [True, False, True]
     # the shared codebook learned from both ranks' data (all-reduced statistics, not one rank's)
-    cb = torch.load(tmp_path / "bare0.pt")["codebook"]
+    cb = torch.load(tmp_path / "bare0.pt")["learner.codebook"]
     for rank in range(WORLD):
         x = _rank_data(rank, 2048, 4)
         err = torch.cdist(x, cb).amin(1).pow(2).mean()

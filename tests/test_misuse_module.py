@@ -1,0 +1,281 @@
+"""What users of the ScalableVQ module got wrong, one test per mistake: a clear error or the same answer, never a silent one."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from svq_modules import BitstreamError
+from svq_modules.nn import ScalableVQ
+
+
+def _blobs(n_batches: int = 8, batch: int = 256, seed: int = 0) -> list[torch.Tensor]:
+    """Batches of 4 well separated 2-D blobs."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0], [20.0, 20.0]])
+    x = centers[torch.randint(4, (n_batches * batch,), generator=g)] + 0.5 * torch.randn(n_batches * batch, 2, generator=g)
+    return list(x.split(batch))
+
+
+def _built(bits=(2, 1), k: int = 16, d: int = 3, seed: int = 0) -> ScalableVQ:
+    g = torch.Generator().manual_seed(seed)
+    return ScalableVQ.from_codebook(torch.randn(k, d, generator=g), bits=list(bits)).eval()
+
+
+# ---------------------------------------------------------------- a. torch.compile
+def _train(compiled: bool) -> ScalableVQ:
+    torch.manual_seed(0)
+    vq = ScalableVQ(2, 8, bits=[1, 1], decay=0.5, kmeans_init=False, relocate_every=1)
+    model = torch.compile(vq, backend="aot_eager") if compiled else vq
+    for b in _blobs():
+        model(b)
+    return vq
+
+
+def test_training_a_torch_compiled_module():
+    """Relocation and the NaN check used to be skipped under torch.compile: compiled training differed silently."""
+    torch._dynamo.reset()
+    eager, compiled = _train(False), _train(True)
+    assert eager.learner.num_relocated > 0  # the batches do exercise the swap step
+    assert compiled.learner.num_relocated == eager.learner.num_relocated
+    assert compiled.learner.num_reseeded == eager.learner.num_reseeded
+    torch.testing.assert_close(compiled.codebook, eager.codebook)
+    assert int(compiled.learner.codebook_version) == int(eager.learner.codebook_version)
+    bad = _blobs(1)[0].clone()
+    bad[7, 1] = float("nan")
+    for train in (True, False):
+        vq = _train(False).train(train)
+        before = vq.codebook.clone()
+        model = torch.compile(vq, backend="aot_eager")
+        with pytest.raises(ValueError, match="NaN"):
+            model(bad)
+        assert torch.equal(vq.codebook, before)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- b. other bits
+def test_loading_a_state_dict_made_with_other_bits():
+    """A bits=[4, 2] state_dict loaded into a bits=[3, 3] module, which then reported [3, 3] but held [4, 2] tables."""
+    theirs = _built(bits=[4, 2], k=64, d=2).state_dict()
+    ours = ScalableVQ(2, 64, bits=[3, 3])
+    with pytest.raises(RuntimeError) as err:
+        ours.load_state_dict(theirs)
+    msg = str(err.value)
+    assert "[4, 2]" in msg and "[3, 3]" in msg and "\n" not in msg
+    assert not ours.is_built  # nothing was half-loaded into the tables
+    # an int proposal fixes only the number of layers: that is what is checked
+    ScalableVQ(2, 64, bits=3, num_layers=3).load_state_dict(theirs)
+    with pytest.raises(RuntimeError, match="layers"):
+        ScalableVQ(2, 64, bits=3, num_layers=4).load_state_dict(theirs)
+    # a state dict saved before update() holds no tables to disagree with
+    ScalableVQ(2, 64, bits=[3, 3]).load_state_dict(ScalableVQ(2, 64, bits=[4, 2]).state_dict())
+
+
+# ---------------------------------------------------------------- c. array-likes
+def test_from_codebook_with_a_numpy_codebook():
+    """``from_codebook(np_array)`` said "must be a [K, D] float tensor, got (16, 3)"."""
+    g = np.random.default_rng(0)
+    cb64 = g.normal(size=(16, 3))
+    x64 = g.normal(size=(500, 3))
+    ref = ScalableVQ.from_codebook(torch.from_numpy(cb64), torch.from_numpy(x64), bits=[2, 1])
+    vq = ScalableVQ.from_codebook(cb64, x64, bits=[2, 1])
+    assert vq.codebook.dtype == torch.float64  # a float array keeps its dtype
+    assert torch.equal(vq.codebook, ref.codebook)
+    assert torch.equal(vq.index.layers_leaf_node, ref.index.layers_leaf_node)
+    # counts as an int array, indices as an int array
+    idx = ref.quantize(torch.from_numpy(x64)).numpy()
+    by_counts = ScalableVQ.from_codebook(cb64, counts=np.bincount(idx, minlength=16), bits=[2, 1])
+    by_indices = ScalableVQ.from_codebook(cb64, x64, indices=idx, bits=[2, 1])
+    assert torch.equal(by_indices.learner.cluster_size, ref.learner.cluster_size)
+    assert torch.equal(by_counts.learner.cluster_size, ref.learner.cluster_size)
+    # python lists: the default float dtype
+    listed = ScalableVQ.from_codebook(cb64.tolist(), bits=[2, 1])
+    assert listed.codebook.dtype == torch.float32
+    torch.testing.assert_close(listed.codebook, torch.from_numpy(cb64).float())
+    # what cannot be a codebook says what to pass
+    with pytest.raises(ValueError, match=r"codebook must be \[K, D\]"):
+        ScalableVQ.from_codebook(np.zeros(16), bits=[2, 1])
+    with pytest.raises(ValueError, match="codebook must be a tensor or an array-like"):
+        ScalableVQ.from_codebook({"a": 1}, bits=[2, 1])
+    with pytest.raises(ValueError, match="indices must hold ints"):
+        ScalableVQ.from_codebook(cb64, x64, indices=idx.astype(np.float32), bits=[2, 1])
+
+
+# ---------------------------------------------------------------- d. stale warning
+def test_layered_forward_in_train_mode_then_encode():
+    """The README flow in train mode warned from inside torch, and the warning did not say what to do."""
+    torch.manual_seed(0)
+    z = torch.randn(512, 3)
+    vq = ScalableVQ(3, 16, bits=[2, 1])
+    vq(z)  # training step
+    assert vq.update()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out3 = vq(z, num_layers=3)  # fresh tables: no warning; this call trains the codebook once more
+    assert torch.equal(out3.quantized, vq.index.layer_centers(3)[out3.indices])  # the tables as built
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        vq.encode(z)
+        vq(z, num_layers=1)
+        vq.encode(z)
+    stale = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(stale) == 1  # once per build
+    assert stale[0].filename == __file__ and stale[0].lineno == line  # the user's line, not torch's
+    assert "update()" in str(stale[0].message) and "eval()" in str(stale[0].message)
+    # and through forward, after the next build
+    vq.eval()
+    assert vq.update()
+    vq.train()
+    vq(z)
+    vq.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        vq(z, num_layers=2)
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
+def test_readme_module_example_runs_without_warning():
+    """The module example of the README (train, then eval(), update(), layered calls) warns about nothing."""
+    torch.manual_seed(0)
+    z = torch.randn(2048, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vq = ScalableVQ(dim=3, codebook_size=16, bits=[2, 1, 1])
+        out = vq(z)
+        loss = out.loss
+        vq.eval()
+        assert vq.update()
+        out3 = vq(z, num_layers=3)
+        codes = vq.encode(z)
+        z_hat = vq.decode(codes[:3])
+    assert torch.isfinite(loss) and torch.equal(z_hat, out3.quantized)
+
+
+# ---------------------------------------------------------------- e. siblings
+def test_bits_with_a_single_layer():
+    """``ScalableVQ(4, 16, bits=2, num_layers=1)`` built and failed later; a module needs a base and a final layer."""
+    with pytest.raises(ValueError, match="num_layers"):
+        ScalableVQ(dim=4, codebook_size=16, bits=2, num_layers=1)
+
+
+@pytest.mark.parametrize("bad", [0, 4, 2.0, True, "2"], ids=["zero", "too-many", "float", "bool", "str"])
+def test_num_layers_out_of_range_or_not_an_int(bad):
+    """A wrong ``num_layers`` anywhere raises one line naming it, before any work."""
+    vq = _built()  # L = 3
+    x = torch.randn(10, 3)
+    codes = vq.encode(x)
+    calls = [
+        lambda: vq(x, num_layers=bad),
+        lambda: vq.reconstruct(vq.quantize(x), bad),
+        lambda: vq.compress(x, num_layers=bad),
+        lambda: vq.decompress(vq.compress(x), num_layers=bad),
+        lambda: vq.decode(codes, num_layers=bad),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="num_layers") as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_num_layers_beyond_the_codes_given():
+    vq = _built()
+    codes = vq.encode(torch.randn(10, 3))
+    with pytest.raises(ValueError, match=r"num_layers \(codes hold 2 layers\) must be an int in \[1, 2\], got 3"):
+        vq.decode(codes[:2], num_layers=3)
+
+
+def test_unknown_coding_or_embed_centers_name():
+    vq = _built()
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="coding must be one of"):
+        vq.compress(x, coding="arithmetic")
+    with pytest.raises(ValueError, match="embed_centers must be one of"):
+        vq.compress(x, embed_centers="float64")
+    with pytest.raises(ValueError, match="embed_centers must be one of"):
+        vq.compress(x, embed_centers=True)
+
+
+def test_float_codes_or_indices():
+    vq = _built()
+    x = torch.randn(10, 3)
+    codes = vq.encode(x)
+    with pytest.raises(ValueError, match="codes must hold ints, got dtype torch.float32"):
+        vq.decode(codes.float())
+    with pytest.raises(ValueError, match="indices must hold ints"):
+        vq.reconstruct(vq.quantize(x).double(), 1)
+    with pytest.raises(ValueError, match="indices must hold ints"):
+        vq.rates(vq.quantize(x).float())
+    with pytest.raises(ValueError, match="out of range"):
+        vq.reconstruct(torch.tensor([0, 16]), 1)
+    # integer array-likes are fine
+    assert torch.equal(vq.decode(codes.numpy()), vq.decode(codes))
+    assert torch.equal(vq.reconstruct(vq.quantize(x).tolist(), 2), vq.reconstruct(vq.quantize(x), 2))
+
+
+def test_codes_with_more_layers_than_the_module():
+    vq = _built()
+    codes = vq.encode(torch.randn(10, 3))
+    with pytest.raises(ValueError, match="codes.shape"):
+        vq.decode(torch.cat([codes, codes[:1]]))
+    with pytest.raises(ValueError, match="0-d"):
+        vq.decode(torch.tensor(1))
+
+
+def test_update_flags_that_are_not_bools():
+    vq = _built()
+    with pytest.raises(ValueError, match="force must be a bool"):
+        vq.update(1)
+    with pytest.raises(ValueError, match="progress must be a bool"):
+        vq.update(progress="yes")
+
+
+def test_setting_a_learner_knob_on_the_module():
+    """``vq.ema_update = False`` would have done nothing after the split: it says where the knob lives."""
+    vq = ScalableVQ(3, 16, bits=[2, 1])
+    with pytest.raises(AttributeError, match=r"vq\.learner\.ema_update"):
+        vq.ema_update = False
+    with pytest.raises(AttributeError, match=r"vq\.index\.cut"):
+        vq.cut = "depth"
+    vq.learner.ema_update = False  # the right place
+    assert not vq.learner.ema_update
+
+
+def test_bad_constructor_numbers():
+    for kwargs, name in [
+        ({"decay": 1.0}, "decay"),
+        ({"relocate_every": 0}, "relocate_every"),
+        ({"kmeans_iters": -1}, "kmeans_iters"),
+        ({"chunk_elements": 0}, "chunk_elements"),
+        ({"commitment_weight": -1.0}, "commitment_weight"),
+        ({"threshold_ema_dead_code": float("nan")}, "threshold_ema_dead_code"),
+        ({"block_size": 0}, "block_size"),
+        ({"linkage": "single"}, "linkage"),
+        ({"cut": "deep"}, "cut"),
+        ({"dead_code_sampling": "random"}, "dead_code_sampling"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            ScalableVQ(3, 16, bits=[2, 1], **kwargs)
+    for dim, k in [(0, 16), (3, 0), (3.0, 16), (True, 16)]:
+        with pytest.raises(ValueError, match="dim|codebook_size"):
+            ScalableVQ(dim, k, bits=[2, 1])
+
+
+def test_array_input_to_forward_or_encode():
+    vq = _built()
+    with pytest.raises(ValueError, match=r"torch.as_tensor"):
+        vq(np.zeros((4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"torch.as_tensor"):
+        vq.encode(np.zeros((4, 3), dtype=np.float32))
+
+
+def test_decompress_of_bytes_instead_of_a_list_of_chunks():
+    vq = _built()
+    chunks = vq.compress(torch.randn(10, 3))
+    with pytest.raises(BitstreamError, match="sequence"):
+        vq.decompress(chunks[0])
