@@ -10,6 +10,16 @@ Only per-code statistics (count, sum of assigned vectors) are needed: Ward's
 cost ``n_a n_b / (n_a + n_b) * ||mu_a - mu_b||^2`` is exactly the increase of
 the squared error when two clusters merge, and the count-weighted centroid of a
 node is the MSE-optimal reconstruction of the data below it.
+
+Layout: :func:`build_constrained_hierarchy` checks the inputs, starts a
+:class:`MergeState` (every tensor one build reads and writes), chains codes
+without data onto their nearest code (:func:`_absorb_empty_codes`), then runs
+one *phase* per constraint row and a free one (:func:`_merge_phase`). A phase
+is a loop of rounds (:func:`_merge_round`): merge all mutually-nearest pairs
+(:func:`_record_merges`), then update the candidate lists of the surviving
+roots (:func:`_update_survivors`) and of the new nodes
+(:func:`_inherit_candidates`). Distances come from two pure blocked kernels,
+:func:`_candidate_rows` and :func:`_pair_costs`.
 """
 
 from __future__ import annotations
@@ -26,7 +36,6 @@ from .validation import check_codebook, check_finite, check_indices
 __all__ = [
     "Hierarchy",
     "ConstrainedHierarchy",
-    "MergeState",
     "build_hierarchy",
     "build_constrained_hierarchy",
     "code_statistics",

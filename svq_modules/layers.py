@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 CUTS = ("greedy", "depth")
+# PROPOSALS and BitProposal are validation's (with the one bit-proposal check), re-exported here
 # smallest probability a branch may get, so every symbol stays codable
 PROB_FLOOR = 2.0**-20
 _DEFAULT_PROPOSAL_LAYERS = 5
