@@ -132,8 +132,8 @@ def test_codebook_size_not_positive(work, capsys, k):
 
 def test_bits_with_an_empty_entry(work, capsys):
     with pytest.raises(ValueError) as expected:  # the message everyone else gives for this proposal
-        check_bit_proposal([4, "", 2])
-    fails(capsys, work, *COMPRESS, "--bits", "4,,2", says=("--bits 4,,2", str(expected.value)))
+        check_bit_proposal([4, "", 2], name="--bits")
+    fails(capsys, work, *COMPRESS, "--bits", "4,,2", says=(str(expected.value),))
 
 
 @pytest.mark.parametrize("bits", ["0,2", "2,25", "a,b", ""])
@@ -183,6 +183,9 @@ def test_no_command(work, capsys):
 def test_output_folder_does_not_exist(work, capsys):
     line = fails(capsys, work, "compress", "data.npy", "-o", "nodir/x.svq", says=("-o nodir/x.svq", "nodir", "does not exist"))
     assert ".tmp" not in line and "partial" not in line
+    fails(capsys, work, "decompress", "data.svq", "-o", "nodir/x.npy", says=("-o nodir/x.npy", "does not exist"))
+    fails(capsys, work, "compress", "data.npy", "-o", "data.npy/x.svq", says=("data.npy", "not a directory"))
+    fails(capsys, work, "compress", "data.npy", "-o", "", says=("-o", "empty file name"))
 
 
 @pytest.mark.parametrize("out", [".", "..", "sub/", "sub", "folder.svq"])
@@ -307,7 +310,8 @@ def test_model_of_another_dimension(work, capsys):
 def test_model_of_another_stream(work, capsys):
     golden = torch.load(DATA / "golden_scalablevq_v1.pt", weights_only=True)
     torch.save(golden["state_dict"], work / "other.pt")  # a valid model, D=3 too, but not the one of ext.svq
-    fails(capsys, work, "decompress", "ext.svq", "-o", "d.npy", "--model", "other.pt", says=("model",))
+    for svq in ("ext.svq", "data.svq"):  # the model --model names wins over the one inside data.svq, and does not fit
+        fails(capsys, work, "decompress", svq, "-o", "d.npy", "--model", "other.pt", says=(svq, "fingerprint", "other.pt"))
 
 
 def test_file_needs_its_model(work, capsys):

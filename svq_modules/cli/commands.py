@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..arrays import ARRAY_SUFFIXES, load_array, save_array
-from ..coding import compress_layers, decompress_layers, read_header
+from ..coding import BitstreamError, compress_layers, decompress_layers, read_header
 from ..coding.container import pack_container, read_container
 from ..validation import check_int, check_vectors
 from .errors import CLIError
@@ -187,7 +187,10 @@ def cmd_decompress(args: argparse.Namespace) -> int:
             raise CLIError(str(e)) from None
 
     # 3. work
-    decoded = decompress_layers(None if vq is None else vq.hierarchy, None if vq is None else vq.tables, container.chunks)
+    try:
+        decoded = decompress_layers(None if vq is None else vq.hierarchy, None if vq is None else vq.tables, container.chunks)
+    except BitstreamError as e:
+        raise CLIError(f"{args.input}: {e}" + (f" (with --model {args.model})" if model_path is not None else "")) from None
     approx = decoded.reconstruction().detach().cpu().float().numpy()
     if reference is not None and tuple(reference.shape) != tuple(approx.shape):
         raise CLIError(f"--reference {args.reference}: shape {list(reference.shape)}, the decoded data {list(approx.shape)}")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..validation import check_bit_proposal, check_int
 from .errors import CLIError
+
+if TYPE_CHECKING:
+    from ..nn import ScalableVQ
 
 __all__ = ["FitOptions", "check_fit_options", "fit_model"]
 
@@ -35,10 +39,7 @@ def check_fit_options(opts: FitOptions, num_vectors: int | None = None) -> None:
         CLIError: one line naming the option, the value and what is allowed.
     """
     try:
-        check_bit_proposal(list(opts.bits))
-    except ValueError as e:
-        raise CLIError(f"--bits {','.join(map(str, opts.bits))}: {e}") from None
-    try:
+        check_bit_proposal(list(opts.bits), name="--bits")
         k = check_int(opts.codebook_size, "--codebook-size", min=1)
         check_int(opts.epochs, "--epochs", min=1)
         if opts.iters is not None:
@@ -60,7 +61,7 @@ def check_fit_options(opts: FitOptions, num_vectors: int | None = None) -> None:
         )
 
 
-def fit_model(x: torch.Tensor, opts: FitOptions):
+def fit_model(x: torch.Tensor, opts: FitOptions) -> ScalableVQ:
     """EMA-train a ScalableVQ codebook on ``x``, then build it from the exact statistics of ``x``.
 
     Args:

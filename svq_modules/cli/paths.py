@@ -65,6 +65,8 @@ def check_output_file(path: str | os.PathLike, option: str, suffixes: Sequence[s
     """
     text = os.fspath(path)
     p, what = Path(text).expanduser(), _label(option, text)
+    if not text:
+        raise CLIError(f"{option}: an empty file name")
     if text.endswith(("/", os.sep)) or p.name in ("", ".", "..") or p.is_dir():
         raise CLIError(f"{what}: is a directory, expected a file name such as {p / ('output' + suffixes[0])}")
     if p.suffix.lower() not in suffixes:
