@@ -146,19 +146,87 @@ def _as_tensor(value: Any, name: str, kind: str) -> Tensor:
     return value
 
 
+def _check_input(x: Tensor, dim: int, channel_first: bool, name: str = "x") -> None:
+    """One-line ``ValueError`` unless ``x`` is a finite float tensor ``[..., D]`` (``[B, D, ...]`` if channel-first)."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a torch.Tensor (convert with torch.as_tensor), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a real floating-point tensor (float16/bfloat16/float32/float64), got dtype {x.dtype}")
+    if channel_first:
+        if x.dim() < 2 or x.shape[1] != dim:
+            got = x.shape[1] if x.dim() > 1 else "missing"
+            raise ValueError(f"{name} must be channel-first [B, D={dim}, ...], got shape {list(x.shape)} (dimension 1 is {got})")
+    elif x.dim() < 1 or x.shape[-1] != dim:
+        got = x.shape[-1] if x.dim() else "missing"
+        raise ValueError(f"{name} must be [..., D={dim}], got shape {list(x.shape)} (last dimension {got}, expected {dim})")
+    _check_finite_eager(x, name)
+
+
+def _compute_dtype(x: Tensor, codebook: Tensor) -> torch.dtype:
+    """float32 for half inputs (autocast), else the promotion of input and codebook dtypes."""
+    full = (torch.float32, torch.float64)
+    xd = x.dtype if x.dtype in full else torch.float32
+    return torch.promote_types(xd, codebook.dtype if codebook.dtype in full else torch.float32)
+
+
+def _perplexity(idx: Tensor, num_codes: int) -> Tensor:
+    """0-d float32 ``exp(entropy)`` of the code usage in ``idx``."""
+    counts = torch.zeros(num_codes, dtype=torch.float32, device=idx.device)
+    counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+    p = counts / counts.sum()
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+
+
+def _wrapped_statistics(
+    codebook: Tensor, x: Any, indices: Any, counts: Any, sums: Any, learner: EMACodebook
+) -> tuple[Tensor, Tensor]:
+    """``counts [K]`` and ``sums [K, D]`` for :meth:`ScalableVQ.from_codebook` (see there), in the codebook's dtype."""
+    k, d = codebook.shape
+    if counts is not None:
+        counts = _as_tensor(counts, "counts", "real").to(codebook)
+        if counts.shape != (k,):
+            raise ValueError(f"counts must have shape [{k}], got {list(counts.shape)}")
+        sums = codebook * counts[:, None] if sums is None else _as_tensor(sums, "sums", "real").to(codebook)
+    elif sums is not None:
+        raise ValueError("sums given without counts: pass counts [K] too")
+    elif x is not None:
+        x = check_vectors(_as_tensor(x, "x", "float"), d, "x").to(codebook)
+        indices = learner.nearest(x, codebook)[0] if indices is None else _as_tensor(indices, "indices", "int")
+        counts, sums = code_statistics(x, indices, k)
+    elif indices is not None:
+        raise ValueError("indices given without x: pass the data x [N, D] too")
+    else:
+        counts, sums = torch.ones_like(codebook[:, 0]), codebook.clone()
+    if sums.shape != (k, d):
+        raise ValueError(f"sums must have shape [{k}, {d}], got {list(sums.shape)}")
+    return counts, sums
+
+
+def _migrate_flat_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """State-dict format 1 -> 2 in place: ``{prefix}name`` -> ``{prefix}{child}.name`` for the child's entries.
+
+    Keyed on the keys present (a plain dict saved without ``_metadata`` carries
+    no version); a key already in format 2 is left alone.
+    """
+    for child in _CHILDREN:
+        sub = getattr(module, child)
+        names = [n for n, _ in sub.named_parameters(recurse=False)] + [n for n, _ in sub.named_buffers(recurse=False)]
+        for name in names:
+            old, new = prefix + name, f"{prefix}{child}.{name}"
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+
+
 class ScalableVQ(nn.Module):
     """Vector quantizer with an EMA k-means codebook and a scalable (layered) index.
 
     Args:
         dim: D, dimension of the vectors.
         codebook_size: K, number of codewords.
-        bits: bit proposal for the layers, checked by
-            :func:`~svq_modules.validation.check_bit_proposal`. A list/tuple of
-            ints in ``[1, 24]`` (base layer first), e.g. ``[4, 2, 2, 2, 2]``,
-            gives ``len(bits) + 1`` layers (a final layer reaches every
-            codeword). An int, the names ``"balanced_clusters"`` /
-            ``"balanced_values"`` or a callable ``f(hierarchy, num_listed)``
-            need ``num_layers``.
+        bits: bit proposal (see :func:`~svq_modules.validation.check_bit_proposal`):
+            ints in ``[1, 24]``, base layer first, e.g. ``[4, 2, 2, 2, 2]`` for
+            ``len(bits) + 1`` layers (a final layer reaches every codeword); or
+            an int, a proposal name or a callable, which need ``num_layers``.
         num_layers: L, total number of layers including the final one (an int
             >= 2; required unless ``bits`` is a list, must match it when both are given).
         commitment_weight: weight (>= 0) of the commitment loss in ``loss``.
@@ -181,38 +249,20 @@ class ScalableVQ(nn.Module):
     _version = 2
 
     def __init__(
-        self,
-        dim: int,
-        codebook_size: int,
-        bits: BitProposal = (4, 2, 2, 2, 2),
-        *,
-        num_layers: int | None = None,
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        commitment_weight: float = 0.25,
-        kmeans_init: bool = True,
-        kmeans_iters: int = 10,
-        threshold_ema_dead_code: float = 2.0,
-        learnable_codebook: bool = False,
-        ema_update: bool = True,
-        channel_first: bool = False,
-        linkage: str = "ward",
-        cut: str = "greedy",
-        refine: bool = False,
-        sync_distributed: bool = True,
-        dead_code_sampling: str = "distortion",
-        relocate_codes: bool = True,
-        relocate_every: int = 4,
-        block_size: int | None = None,
+        self, dim: int, codebook_size: int, bits: BitProposal = (4, 2, 2, 2, 2), *, num_layers: int | None = None,
+        decay: float = 0.99, eps: float = 1e-5, commitment_weight: float = 0.25, kmeans_init: bool = True,
+        kmeans_iters: int = 10, threshold_ema_dead_code: float = 2.0, learnable_codebook: bool = False,
+        ema_update: bool = True, channel_first: bool = False, linkage: str = "ward", cut: str = "greedy",
+        refine: bool = False, sync_distributed: bool = True, dead_code_sampling: str = "distortion",
+        relocate_codes: bool = True, relocate_every: int = 4, block_size: int | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
         self.dim = check_int(dim, "dim", min=1)
         self.codebook_size = check_int(codebook_size, "codebook_size", min=1)
         bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=True)
-        if not isinstance(commitment_weight, (int, float)) or isinstance(commitment_weight, bool) or not (
-            0.0 <= commitment_weight < float("inf")
-        ):
+        if isinstance(commitment_weight, bool) or not isinstance(commitment_weight, (int, float)) or not (
+                0.0 <= commitment_weight < float("inf")):  # fmt: skip
             raise ValueError(f"commitment_weight must be a finite float >= 0, got {commitment_weight!r}")
         self.commitment_weight = float(commitment_weight)
         self.learnable_codebook = bool(learnable_codebook)
@@ -250,11 +300,6 @@ class ScalableVQ(nn.Module):
         return self.index.num_layers
 
     @property
-    def num_nodes(self) -> int:
-        """M = 2K - 1, number of tree nodes."""
-        return self.index.num_nodes
-
-    @property
     def is_built(self) -> bool:
         """True once :meth:`update` has filled the hierarchy / layer buffers (also after loading them)."""
         return self.index.is_built
@@ -285,41 +330,14 @@ class ScalableVQ(nn.Module):
     def _sync(self) -> bool:
         return self.learner.sync_distributed and svq_dist.is_distributed()
 
-    def _check_input(self, x: Tensor, name: str = "x") -> None:
-        if not torch.is_tensor(x):
-            raise ValueError(f"{name} must be a torch.Tensor (convert with torch.as_tensor), got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(
-                f"{name} must be a real floating-point tensor (float16/bfloat16/float32/float64), got dtype {x.dtype}"
-            )
-        if self.channel_first:
-            if x.dim() < 2 or x.shape[1] != self.dim:
-                raise ValueError(
-                    f"{name} must be channel-first [B, D={self.dim}, ...], got shape {list(x.shape)} "
-                    f"(dimension 1 is {x.shape[1] if x.dim() > 1 else 'missing'})"
-                )
-        elif x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"{name} must be [..., D={self.dim}], got shape {list(x.shape)} "
-                f"(last dimension {x.shape[-1] if x.dim() else 'missing'}, expected {self.dim})"
-            )
-        _check_finite_eager(x, name)
-
     def _flatten(self, x: Tensor) -> tuple[Tensor, torch.Size]:
-        """``x`` -> ``([N, D], batch shape)``; channel-first inputs are moved to channel-last."""
-        if self.channel_first:
+        if self.channel_first:  # [B, D, ...] -> [B, ..., D]
             x = x.movedim(1, -1)
         return x.reshape(-1, self.dim), x.shape[:-1]
 
     def _unflatten(self, flat: Tensor, batch: torch.Size) -> Tensor:
         out = flat.reshape(*batch, self.dim)
         return out.movedim(-1, 1) if self.channel_first else out
-
-    def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        """float32 for half inputs (autocast), else the promotion of input and codebook dtypes."""
-        xd = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        cd = self.codebook.dtype if self.codebook.dtype in (torch.float32, torch.float64) else torch.float32
-        return torch.promote_types(xd, cd)
 
     def _check_layers(self, num_layers: Any, name: str = "num_layers", most: int | None = None) -> int:
         return check_int(num_layers, name, min=1, max=self.num_layers if most is None else most)
@@ -346,12 +364,12 @@ class ScalableVQ(nn.Module):
         Returns:
             ``[*batch]`` int64 indices.
         """
-        self._check_input(x)
+        _check_input(x, self.dim, self.channel_first)
         return self._quantize(x)
 
     def _quantize(self, x: Tensor) -> Tensor:
         flat, batch = self._flatten(x)
-        dtype = self._compute_dtype(x)
+        dtype = _compute_dtype(x, self.codebook)
         with torch.autocast(device_type=x.device.type, enabled=False):
             idx, _ = self.learner.nearest(flat.to(dtype))
         return idx.reshape(batch)
@@ -374,13 +392,13 @@ class ScalableVQ(nn.Module):
         """
         if num_layers is not None:
             num_layers = self._check_layers(num_layers)
-        self._check_input(x)
+        _check_input(x, self.dim, self.channel_first)
         if num_layers is not None:
             self.index.require_built()
         flat, batch = self._flatten(x)
         if flat.shape[0] == 0:
             raise ValueError(f"x holds no vectors (shape {list(x.shape)})")
-        dtype = self._compute_dtype(x)
+        dtype = _compute_dtype(x, self.codebook)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = flat.to(dtype)
             with_gap = self.learner.prepare(xf.detach()) if self.training else False
@@ -390,47 +408,32 @@ class ScalableVQ(nn.Module):
             )
             q = F.embedding(idx, codebook if self.learnable_codebook else codebook.detach())
             sq_err = (xf - q.detach()).pow(2)
-            commit_loss = sq_err.mean().float()
-            if self.learnable_codebook:
-                codebook_loss = (q - xf.detach()).pow(2).mean().float()
-            else:
-                codebook_loss = commit_loss.new_zeros(())
-            loss = self.commitment_weight * commit_loss + codebook_loss
+            commit = sq_err.mean().float()
+            codebook_loss = (q - xf.detach()).pow(2).mean().float() if self.learnable_codebook else commit.new_zeros(())
+            loss = self.commitment_weight * commit + codebook_loss
             if num_layers is None:
                 out = q.detach()
             else:
                 self._warn_if_stale()
                 out = self.index.layer_centers(num_layers).to(dtype)[idx]
-            counts = torch.zeros(self.codebook_size, dtype=torch.float32, device=idx.device)
-            counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
-            p = counts / counts.sum()
-            perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+            perplexity = _perplexity(idx, self.codebook_size)
             if self.training:
                 self.learner.step(xf.detach(), idx, sq_err.detach().sum(1), gap)
         out = out.to(flat.dtype)
         quantized = out + (flat - flat.detach())  # value: exactly `out`; gradient: identity to x
-        return VQOutput(
-            quantized=self._unflatten(quantized, batch),
-            indices=idx.reshape(batch),
-            loss=loss,
-            commit_loss=commit_loss,
-            codebook_loss=codebook_loss,
-            perplexity=perplexity,
-        )
+        return VQOutput(self._unflatten(quantized, batch), idx.reshape(batch), loss, commit, codebook_loss, perplexity)
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
     def update(self, force: bool = False, progress: bool = False) -> bool:
         """Build the hierarchy and layer tables for the current codebook, when needed.
 
-        Skips (returns False) when the tables are built and fresh; otherwise
-        (or with ``force=True``) runs :func:`~svq_modules.hierarchy.build_hierarchy`
-        and :func:`~svq_modules.layers.build_layers` on
-        ``(codebook, cluster_size, embed_sum)`` on the module's device, stores
-        them in the buffers and returns True (CompressAI's convention).
-        Under ``torch.distributed`` every rank must call it: the decision is
-        taken jointly, codebook and statistics are broadcast from rank 0 first
-        and the built tables after, so all ranks hold identical buffers.
+        Skips (returns False) when the tables are built and fresh; otherwise (or
+        with ``force=True``) builds them from the learner's codebook and
+        statistics on the module's device (:meth:`ScalableIndex.build`) and
+        returns True (CompressAI's convention). Under ``torch.distributed`` every
+        rank must call it: the decision is joint, codebook and statistics are
+        broadcast from rank 0 first and the tables after.
 
         Args:
             force: rebuild even when the tables are fresh.
@@ -463,7 +466,7 @@ class ScalableVQ(nn.Module):
             ``[L, *batch]`` int64 codes; ``codes[l]`` is the symbol sent in layer
             ``l`` (an index inside the vector's group), -1 where nothing is sent.
         """
-        self._check_input(x)
+        _check_input(x, self.dim, self.channel_first)
         self.index.require_built()
         self._warn_if_stale()
         idx = self._quantize(x)
@@ -563,7 +566,7 @@ class ScalableVQ(nn.Module):
             raise ValueError(f"embed_centers must be one of {list(EMBED_CENTERS)}, got {embed_centers!r}")
         if num_layers is not None:
             num_layers = self._check_layers(num_layers)
-        self._check_input(x)
+        _check_input(x, self.dim, self.channel_first)
         self.index.require_built()
         self._warn_if_stale()
         indices = self._quantize(x)
@@ -594,43 +597,16 @@ class ScalableVQ(nn.Module):
         return self._unflatten(centers[out.nodes[-1].to(centers.device)], torch.Size(out.batch_shape))
 
     # ----------------------------------------------------------- checkpoints
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # format 1 (flat keys) -> 2 (child modules), keyed on the keys present: a plain dict saved
-        # without `_metadata` carries no version
-        for child in _CHILDREN:
-            module = getattr(self, child)
-            names = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
-            for name in names:
-                old, new = prefix + name, f"{prefix}{child}.{name}"
-                if old in state_dict and new not in state_dict:
-                    state_dict[new] = state_dict.pop(old)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        _migrate_flat_keys(self, state_dict, prefix)  # format 1 (flat keys) -> 2 (child modules), before the children load
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ----------------------------------------------------------- constructors
     @classmethod
     def from_codebook(
-        cls,
-        codebook: Tensor,
-        x: Tensor | None = None,
-        indices: Tensor | None = None,
-        counts: Tensor | None = None,
-        sums: Tensor | None = None,
-        bits: BitProposal = (4, 2, 2, 2, 2),
-        *,
-        build: bool = True,
-        **kwargs: Any,
-    ) -> ScalableVQ:
+        cls, codebook: Tensor, x: Tensor | None = None, indices: Tensor | None = None, counts: Tensor | None = None,
+        sums: Tensor | None = None, bits: BitProposal = (4, 2, 2, 2, 2), *, build: bool = True, **kwargs: Any,
+    ) -> ScalableVQ:  # fmt: skip
         """Wrap a codebook learned elsewhere (e.g. by k-means or another VQ layer).
 
         Every array argument may be a tensor or an array-like (NumPy array,
@@ -663,23 +639,7 @@ class ScalableVQ(nn.Module):
             raise ValueError(f"build must be a bool, got {build!r}")
         k, d = codebook.shape
         module = cls(d, k, bits, **kwargs).to(device=codebook.device, dtype=codebook.dtype)
-        if counts is not None:
-            counts = _as_tensor(counts, "counts", "real").to(codebook)
-            if counts.shape != (k,):
-                raise ValueError(f"counts must have shape [{k}], got {list(counts.shape)}")
-            sums = codebook * counts[:, None] if sums is None else _as_tensor(sums, "sums", "real").to(codebook)
-        elif sums is not None:
-            raise ValueError("sums given without counts: pass counts [K] too")
-        elif x is not None:
-            x = check_vectors(_as_tensor(x, "x", "float"), d, "x").to(codebook)
-            indices = module.learner.nearest(x, codebook)[0] if indices is None else _as_tensor(indices, "indices", "int")
-            counts, sums = code_statistics(x, indices, k)
-        else:
-            if indices is not None:
-                raise ValueError("indices given without x: pass the data x [N, D] too")
-            counts, sums = torch.ones_like(codebook[:, 0]), codebook.clone()
-        if sums.shape != (k, d):
-            raise ValueError(f"sums must have shape [{k}, {d}], got {list(sums.shape)}")
+        counts, sums = _wrapped_statistics(codebook, x, indices, counts, sums, module.learner)
         module.learner.set_codebook(codebook, counts, sums)
         if build:
             module.update()
