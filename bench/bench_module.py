@@ -23,7 +23,8 @@ Prints markdown tables:
      on the same batches with the same decay;
    * stagewise residual k-means 16-4-4-4 (sklearn KMeans on each residual).
 
-Run: ``python bench/bench_module.py`` (a few minutes on 2 cores) or ``--quick``.
+Run: ``python bench/bench_module.py`` (a few minutes on 2 cores) or ``--quick``; the tables are
+also written to ``docs/benchmarks/module.md`` (``common.write_report``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import write_report  # noqa: E402
 
 from svq_modules.nn import ScalableVQ  # noqa: E402
 
@@ -284,37 +287,42 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child)
         return
+    lines: list[str] = []
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+    def emit(text: str) -> None:
+        print(text)
+        lines.append(text)
+
+    emit(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
     if not args.skip_step:
         t = bench_step(rounds=5 if args.quick else 15)
         m = bench_memory()
-        print(f"### Training step, K={K_STEP}, D={D_STEP}, N={N_STEP} (fwd + bwd + EMA), CPU\n")
-        print("| | ScalableVQ | VectorQuantize (vector-quantize-pytorch) | ratio ours/peer | target |")
-        print("|---|---|---|---|---|")
+        emit(f"### Training step, K={K_STEP}, D={D_STEP}, N={N_STEP} (fwd + bwd + EMA), CPU\n")
+        emit("| | ScalableVQ | VectorQuantize (vector-quantize-pytorch) | ratio ours/peer | target |")
+        emit("|---|---|---|---|---|")
         ratio = t["ours"] / t["peer"]
-        print(f"| median step time | {t['ours'] * 1e3:.1f} ms | {t['peer'] * 1e3:.1f} ms | {ratio:.2f} | <= 1.0 |")
-        print(f"| peak extra memory | {m['ours']:.1f} MiB | {m['peer']:.1f} MiB | {m['ours'] / m['peer']:.2f} | <= 1.2 |")
-        print()
+        emit(f"| median step time | {t['ours'] * 1e3:.1f} ms | {t['peer'] * 1e3:.1f} ms | {ratio:.2f} | <= 1.0 |")
+        emit(f"| peak extra memory | {m['ours']:.1f} MiB | {m['peer']:.1f} MiB | {m['ours'] / m['peer']:.2f} | <= 1.2 |")
+        emit("")
     if not args.skip_update:
         u = bench_update([1024, 16384])
-        print("### update() (hierarchy + layer tables), D=64, CPU\n")
-        print("| K | time | target |")
-        print("|---|---|---|")
-        print(f"| 1024 | {u[1024]:.3f} s | < 0.3 s |")
-        print(f"| 16384 | {u[16384]:.2f} s | < 10 s |")
-        print()
+        emit("### update() (hierarchy + layer tables), D=64, CPU\n")
+        emit("| K | time | target |")
+        emit("|---|---|---|")
+        emit(f"| 1024 | {u[1024]:.3f} s | < 0.3 s |")
+        emit(f"| 16384 | {u[16384]:.2f} s | < 10 s |")
+        emit("")
     if not args.skip_rd:
         for kind in ("pixels", "patches"):
             r = bench_rd(kind, args.quick)
             flat = r["flat"]
-            print(
+            emit(
                 f"### Rate-distortion, china.jpg {kind} (N={r['n']}, D={r['dim']}): MSE / flat MiniBatchKMeans MSE\n"
             )
-            print(f"Trained models: {r['steps']} steps of {r['batch']} vectors, decay {r['decay']}.\n")
-            print("| method | 4 bits | 6 bits | 8 bits | 10 bits |")
-            print("|---|---|---|---|---|")
-            print("| flat MiniBatchKMeans MSE | " + " | ".join(f"{v:.3e}" for v in flat) + " |")
+            emit(f"Trained models: {r['steps']} steps of {r['batch']} vectors, decay {r['decay']}.\n")
+            emit("| method | 4 bits | 6 bits | 8 bits | 10 bits |")
+            emit("|---|---|---|---|---|")
+            emit("| flat MiniBatchKMeans MSE | " + " | ".join(f"{v:.3e}" for v in flat) + " |")
             rows = [
                 ("ScalableVQ K=1024 [4,2,2,2,2], trained by the module", r["ours"]),
                 ("ScalableVQ.from_codebook(flat K=1024 codebook)", r["wrapped"]),
@@ -322,9 +330,9 @@ def main() -> None:
                 ("residual k-means 16-4-4-4 (stagewise)", r["residual_kmeans"]),
             ]
             for name, errs in rows:
-                print(f"| {name} | " + " | ".join(f"{e / f:.2f}" for e, f in zip(errs, flat)) + " |")
+                emit(f"| {name} | " + " | ".join(f"{e / f:.2f}" for e, f in zip(errs, flat)) + " |")
             info = r["ours_info"]
-            print(
+            emit(
                 "\nScalableVQ (trained): raw bits per layer "
                 + "/".join(f"{b:.2f}" for b in info["raw_bits"])
                 + ", ideal entropy bits "
@@ -336,7 +344,9 @@ def main() -> None:
                 + "."
             )
             beats = all(o < v for o, v in zip(r["ours"][1:], r["rvq"][1:]))
-            print(f"ScalableVQ below ResidualVQ at every rate from 6 bits on: {'yes' if beats else 'NO'}\n")
+            emit(f"ScalableVQ below ResidualVQ at every rate from 6 bits on: {'yes' if beats else 'NO'}\n")
+    path = write_report("module", "ScalableVQ module: training step, update(), rate-distortion", "\n".join(lines))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
