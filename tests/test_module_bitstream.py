@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from svq_modules import BitstreamError, ScalableVQ
+from svq_modules.coding import compress_layers
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,40 @@ def test_module_decompress_into_fresh_module_and_errors(trained):
         other.decompress(chunks[:1])
     with pytest.raises(RuntimeError, match="update"):
         ScalableVQ(8, 64, bits=[2, 2, 1]).compress(torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("coding", ["entropy", "raw"])
+def test_module_compress_items_one_stream_per_batch_item(trained, coding):
+    """CompressAI's convention: ``{"strings": strings[l][b], "shape": item shape}``; every item decodes on its own."""
+    vq, x = trained  # channel-first [4, 8, 16, 16]
+    out = vq.compress_items(x, coding=coding)
+    strings, shape = out["strings"], out["shape"]
+    assert shape == (16, 16)
+    assert len(strings) == vq.num_layers and all(len(layer) == 4 for layer in strings)
+    assert all(isinstance(c, bytes) for layer in strings for c in layer)
+    codes = vq.encode(x)
+    for layers in range(1, vq.num_layers + 1):
+        got = vq.decompress_items(strings[:layers], shape)
+        assert got.shape == x.shape
+        assert torch.equal(got, vq.decode(codes, layers))
+        assert torch.equal(vq.decompress_items(strings, shape, num_layers=layers), got)
+    # one item's stream is the stream of that item's indices alone
+    expected = compress_layers(vq.hierarchy, vq.tables, vq.quantize(x)[2], coding=coding)
+    assert [layer[2] for layer in strings] == expected
+
+
+def test_module_compress_items_errors(trained):
+    vq, x = trained
+    out = vq.compress_items(x[:2])
+    strings = out["strings"]
+    with pytest.raises(ValueError, match="strings must be a non-empty list"):
+        vq.decompress_items(strings[0][0])
+    with pytest.raises(ValueError, match="one per item"):
+        vq.decompress_items([strings[0], strings[1][:1]])
+    with pytest.raises(BitstreamError, match="expected"):
+        vq.decompress_items(strings, (8, 8))
+    with pytest.raises(BitstreamError, match="layer"):
+        vq.decompress_items([strings[0], strings[2]])
+    flat = ScalableVQ.from_codebook(vq.codebook.detach(), bits=[2, 2, 1])
+    with pytest.raises(ValueError, match="batch dimension"):
+        flat.compress_items(torch.randn(8))

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as svq_dist
-from ..coding import CODINGS, compress_layers, decompress_layers
+from ..coding import CODINGS, BitstreamError, compress_layers, decompress_layers
 from ..hierarchy import Hierarchy, code_statistics
 from ..layers import LayerRates, LayerTables
 from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
@@ -87,6 +87,11 @@ _KNOB_OWNER = {name: child for child, names in _CHILD_KNOBS.items() for name in 
 _CHILDREN = ("learner", "index")
 _INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 _check_finite_eager = torch.compiler.disable(check_finite)
+_STALE_MESSAGE = (
+    "ScalableVQ: the codebook changed since the last update() (training steps move it); layered outputs, codes and "
+    "rates use the tables built for the old codebook. Call update() to rebuild them, and eval() before update() so "
+    "that later calls do not train the codebook again. Shown once per build."
+)
 
 
 class VQOutput(NamedTuple):
@@ -215,6 +220,32 @@ def _migrate_flat_keys(module: nn.Module, state_dict: dict[str, Any], prefix: st
             old, new = prefix + name, f"{prefix}{child}.{name}"
             if old in state_dict and new not in state_dict:
                 state_dict[new] = state_dict.pop(old)
+
+
+def _item_strings(hierarchy: Hierarchy, tables: LayerTables, indices: Tensor, **options: Any) -> list[list[bytes]]:
+    """``strings[l][b]``: layer-``l`` chunk of item ``b`` of ``indices [B, ...]`` (one stream per item)."""
+    per_item = [compress_layers(hierarchy, tables, item, **options) for item in indices]
+    return [list(layer) for layer in zip(*per_item)]
+
+
+def _decode_items(
+    hierarchy: Hierarchy, tables: LayerTables, strings: Any, shape: Any, num_layers: int | None
+) -> tuple[Tensor, tuple[int, ...]]:
+    """Leaf-or-node ids ``[B, N_item]`` after the decoded layers of every item, and the item shape."""
+    if isinstance(strings, (bytes, bytearray, str)) or not isinstance(strings, Sequence) or not strings:
+        raise ValueError(f"strings must be a non-empty list (layers) of lists (items) of bytes, got {type(strings).__name__}")
+    sizes = {len(layer) if isinstance(layer, Sequence) and not isinstance(layer, (bytes, str)) else -1 for layer in strings}
+    if len(sizes) != 1 or min(sizes) < 1:
+        raise ValueError(f"strings[l] must be lists of bytes, one per item, as many in every layer; got sizes {sorted(sizes)}")
+    nodes, shapes = [], set()
+    for b in range(sizes.pop()):
+        out = decompress_layers(hierarchy, tables, [layer[b] for layer in strings], num_layers=num_layers)
+        nodes.append(out.nodes[-1])
+        shapes.add(tuple(out.batch_shape))
+    if len(shapes) != 1 or (shape is not None and tuple(shape) not in shapes):
+        expected = "one shape" if shape is None else tuple(shape)
+        raise BitstreamError(f"the items of the batch decode to shapes {sorted(shapes)}, expected {expected}")
+    return torch.stack(nodes), shapes.pop()
 
 
 class ScalableVQ(nn.Module):
@@ -348,22 +379,12 @@ class ScalableVQ(nn.Module):
         if self.index.stale_warned or not self.is_stale:
             return
         self.index.stale_warned = True
-        warnings.warn(
-            "ScalableVQ: the codebook changed since the last update() (training steps move it); layered outputs, "
-            "codes and rates use the tables built for the old codebook. Call update() to rebuild them, and eval() "
-            "before update() so that later calls do not train the codebook again. Shown once per build.",
-            RuntimeWarning,
-            stacklevel=_user_stacklevel(),
-        )
+        warnings.warn(_STALE_MESSAGE, RuntimeWarning, stacklevel=_user_stacklevel())
 
     # ------------------------------------------------------------- quantizing
     @torch.no_grad()
     def quantize(self, x: Tensor) -> Tensor:
-        """Nearest codeword index of every vector of ``x`` (``[..., D]``, or ``[B, D, ...]`` when channel-first).
-
-        Returns:
-            ``[*batch]`` int64 indices.
-        """
+        """``[*batch]`` int64 nearest codeword of every vector of ``x`` (``[..., D]``, or ``[B, D, ...]`` when channel-first)."""
         _check_input(x, self.dim, self.channel_first)
         return self._quantize(x)
 
@@ -460,11 +481,10 @@ class ScalableVQ(nn.Module):
     # ------------------------------------------------------ layered coding API
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """Per-layer symbols of ``x`` (``[..., D]``, or ``[B, D, ...]`` with ``channel_first``).
+        """``[L, *batch]`` int64 per-layer symbols of ``x`` (``[..., D]``, or ``[B, D, ...]`` with ``channel_first``).
 
-        Returns:
-            ``[L, *batch]`` int64 codes; ``codes[l]`` is the symbol sent in layer
-            ``l`` (an index inside the vector's group), -1 where nothing is sent.
+        ``codes[l]`` is the symbol sent in layer ``l`` (an index inside the
+        vector's group), -1 where nothing is sent.
         """
         _check_input(x, self.dim, self.channel_first)
         self.index.require_built()
@@ -474,15 +494,12 @@ class ScalableVQ(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: Tensor, num_layers: int | None = None) -> Tensor:
-        """Reconstruction from the first layers of ``codes``.
+        """``[*batch, D]`` (``[B, D, ...]`` with ``channel_first``) reconstruction from the first layers of ``codes``.
 
         Args:
-            codes: ``[l, *batch]`` integer codes of layers ``0..l-1`` (as from
-                :meth:`encode`; a tensor or an integer array-like), ``1 <= l <= L``.
+            codes: ``[l, *batch]`` integer codes (tensor or array-like) of layers
+                ``0..l-1`` as from :meth:`encode`, ``1 <= l <= L``.
             num_layers: layers to use, ``1..l`` (default ``l``).
-
-        Returns:
-            ``[*batch, D]`` (``[B, D, ...]`` with ``channel_first``) in the module's float dtype.
 
         Raises:
             ValueError: bad arguments, or invalid codes (see :func:`~svq_modules.layers.decode_codes`).
@@ -501,14 +518,11 @@ class ScalableVQ(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, indices: Tensor, num_layers: int) -> Tensor:
-        """Reconstruction of codeword indices after ``num_layers`` layers.
+        """``[*batch, D]`` (``[B, D, ...]`` with ``channel_first``) reconstruction after ``num_layers`` layers.
 
         Args:
             indices: ``[*batch]`` integer codeword indices in ``[0, K)`` (tensor or array-like).
             num_layers: ``1..L``; ``L`` gives the codewords themselves.
-
-        Returns:
-            ``[*batch, D]`` (``[B, D, ...]`` with ``channel_first``) in the module's float dtype.
         """
         num_layers = self._check_layers(num_layers)
         indices = _as_tensor(indices, "indices", "int")
@@ -519,16 +533,11 @@ class ScalableVQ(nn.Module):
 
     @torch.no_grad()
     def rates(self, indices: Tensor | None = None) -> LayerRates:
-        """Cumulative mean bits per vector after each layer.
+        """Cumulative mean bits per vector after each layer: :class:`~svq_modules.layers.LayerRates`.
 
-        Args:
-            indices: ``[*batch]`` codeword indices of the data to rate (e.g.
-                ``forward(x).indices``); default: the code usage in the statistics.
-
-        Returns:
-            :class:`~svq_modules.layers.LayerRates`: ``raw_bits [L]`` and
-            ``entropy_bits [L]`` (ideal cost under the tree's branch
-            probabilities), float64, cumulative over layers.
+        ``raw_bits [L]`` and ``entropy_bits [L]`` (ideal cost under the tree's
+        branch probabilities), float64, of ``indices [*batch]`` (e.g.
+        ``forward(x).indices``; default: the code usage in the statistics).
         """
         flat = None
         if indices is not None:
@@ -549,41 +558,77 @@ class ScalableVQ(nn.Module):
 
         Args:
             x: ``[..., D]`` float (``[B, D, ...]`` with ``channel_first``).
-            coding: one of :data:`~svq_modules.coding.CODINGS`: ``"entropy"``
-                (default; symbols conditioned on the parent node from the stored
-                counts) or ``"raw"`` (bit packing).
+            coding: ``"entropy"`` (default; symbols conditioned on the parent
+                node, from the stored counts) or ``"raw"`` (bit packing).
             num_layers: write only the first layers, ``1..L`` (default all L).
-            embed_centers: one of :data:`EMBED_CENTERS`: also put the layer's
-                node centers and groups into each chunk so a receiver without
-                the model can decode.
+            embed_centers: one of :data:`EMBED_CENTERS`: chunks that also carry
+                their layer's node centers, for a receiver without the model.
 
         Returns:
             ``list[bytes]``, chunk l holds layer l; the batch shape travels in chunk 0.
         """
+        options = self._coding_options(x, coding, num_layers, embed_centers)
+        return compress_layers(self.hierarchy, self.tables, self._quantize(x), **options)
+
+    def _coding_options(self, x: Tensor, coding: Any, num_layers: Any, embed_centers: Any) -> dict[str, Any]:
+        """Check the arguments of :meth:`compress` (before any work) and the module's state."""
         if coding not in CODINGS:
             raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}")
         if embed_centers not in EMBED_CENTERS:
             raise ValueError(f"embed_centers must be one of {list(EMBED_CENTERS)}, got {embed_centers!r}")
-        if num_layers is not None:
-            num_layers = self._check_layers(num_layers)
+        num_layers = None if num_layers is None else self._check_layers(num_layers)
         _check_input(x, self.dim, self.channel_first)
         self.index.require_built()
         self._warn_if_stale()
+        return {"coding": coding, "num_layers": num_layers, "embed_centers": embed_centers}
+
+    @torch.no_grad()
+    def compress_items(
+        self, x: Tensor, *, coding: str = "entropy", num_layers: int | None = None, embed_centers: str | None = None
+    ) -> dict[str, Any]:
+        """Per-item chunks of a batch (CompressAI's ``{"strings", "shape"}`` convention).
+
+        Args:
+            x: ``[B, ..., D]`` (``[B, D, ...]`` with ``channel_first``); other
+                arguments as in :meth:`compress`.
+
+        Returns:
+            ``{"strings": strings, "shape": shape}``: ``strings[l][b]`` (bytes)
+            is layer ``l`` of item ``b``, a stream of its own (any prefix of its
+            layers decodes); ``shape`` is an item's index shape (``x.shape[1:-1]``,
+            or ``x.shape[2:]`` with ``channel_first``).
+        """
+        options = self._coding_options(x, coding, num_layers, embed_centers)
         indices = self._quantize(x)
-        return compress_layers(
-            self.hierarchy, self.tables, indices, coding=coding, num_layers=num_layers, embed_centers=embed_centers
-        )
+        if indices.dim() < 1:
+            raise ValueError(f"x must have a batch dimension, got shape {list(x.shape)}")
+        return {"strings": _item_strings(self.hierarchy, self.tables, indices, **options), "shape": tuple(indices.shape[1:])}
+
+    @torch.no_grad()
+    def decompress_items(self, strings: Sequence[Sequence[bytes]], shape: Any = None, num_layers: int | None = None) -> Tensor:
+        """Batch reconstruction from :meth:`compress_items` output (any prefix of layers ``strings[:l]``).
+
+        Args:
+            strings: ``strings[l][b]``, layers ``0..l-1`` of every item.
+            shape: the item shape from :meth:`compress_items` (checked), or None.
+            num_layers: use only the first ``num_layers`` (``1..L``) layers.
+
+        Returns:
+            ``[B, *shape, D]`` (``[B, D, *shape]`` with ``channel_first``).
+        """
+        num_layers = None if num_layers is None else self._check_layers(num_layers)
+        self.index.require_built()
+        nodes, item_shape = _decode_items(self.hierarchy, self.tables, strings, shape, num_layers)
+        centers = self.index.tree_center
+        return self._unflatten(centers[nodes.to(centers.device)], torch.Size((nodes.shape[0], *item_shape)))
 
     @torch.no_grad()
     def decompress(self, chunks: Sequence[bytes], num_layers: int | None = None) -> Tensor:
-        """Reconstruction from a prefix of the chunks of :meth:`compress`.
+        """``[*batch, D]`` (``[B, D, ...]`` with ``channel_first``) from a prefix of the chunks of :meth:`compress`.
 
         Args:
             chunks: layers ``0..l-1`` in order (any prefix of the stream).
             num_layers: use only the first ``num_layers`` (``1..L``) of them (default all given).
-
-        Returns:
-            ``[*batch, D]`` (``[B, D, ...]`` with ``channel_first``).
 
         Raises:
             BitstreamError: (a ``ValueError``) corrupt, reordered, incomplete or
