@@ -72,6 +72,18 @@ def test_quantized_value_is_exactly_the_codeword():
     assert torch.equal(out.indices, vq.quantize(x))
 
 
+def test_first_three_fields_unpack_like_vector_quantize():
+    """The docstring's promise for VectorQuantize users: ``quantized, indices, loss = vq(x)[:3]``."""
+    torch.manual_seed(0)
+    vq = ScalableVQ(8, 32)
+    x = torch.randn(2, 50, 8)
+    out = vq(x)
+    quantized, indices, loss = out[:3]
+    assert quantized is out.quantized and indices is out.indices and loss is out.loss
+    assert loss.shape == () and indices.shape == (2, 50)
+    assert VQOutput._fields[:3] == ("quantized", "indices", "loss")
+
+
 @pytest.mark.parametrize(
     "x",
     [
