@@ -21,8 +21,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # bits [1,1,1] -> 4 layers over K=16 codes (2, 4, 8 cells, then the exact codeword), one
 # latent per 4x4 pixels: 200 steps of a small model train in seconds and give a ladder

@@ -50,15 +50,24 @@ def config_error(error: BaseException, group: str, node: Any = None) -> ConfigEr
     """A :class:`ConfigError` for an error raised while building the ``group`` config.
 
     A message that starts with one of the node's keys (``crop_size must be ...``,
-    ``root=/x is not a folder``) gets the group in front (``data.crop_size ...``);
-    any other message is prefixed ``group: ``.
+    ``root=/x is not a folder``) gets the group in front (``data.crop_size ...``), also
+    for keys of a sub-node (``decay ...`` -> ``model.quantizer.decay ...``); a message
+    naming a key elsewhere (Lightning's ```max_epochs` must be ...``) is prefixed with
+    that setting and its value; any other with ``group: ``.
     """
     cause = root_cause(error)
     message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    head = re.match(r"[A-Za-z_][\w.]*", message)
-    keys = set(node.keys()) if isinstance(node, (DictConfig, Mapping)) else set()
-    if head and head.group(0).split(".")[0] in keys:
-        return ConfigError(f"{group}.{message}")
+    node = node if isinstance(node, (DictConfig, Mapping)) else {}
+    keys = {str(k): str(k) for k in node}
+    for sub, value in node.items():
+        if isinstance(value, (DictConfig, Mapping)):
+            keys.update({str(k): f"{sub}.{k}" for k in value if str(k) not in keys})
+    head = re.match(r"[A-Za-z_]\w*", message)
+    if head and head.group(0) in keys:
+        return ConfigError(f"{group}.{keys[head.group(0)][: -len(head.group(0))]}{message}")
+    for key in node:
+        if re.search(rf"`{re.escape(str(key))}`|\b{re.escape(str(key))}=", message):
+            return ConfigError(f"{group}.{key}={node[key]}: {message}")
     return ConfigError(f"{group}: {message}")
 
 
@@ -140,6 +149,11 @@ def _choice(cfg: DictConfig, group: str) -> str:
         return str(cfg[group].get("_target_"))
 
 
+#: trainer settings checked as ints before the Trainer is built: name -> smallest allowed value
+TRAINER_INTS = {"max_epochs": -1, "min_epochs": 0, "max_steps": -1, "log_every_n_steps": 1,
+                "check_val_every_n_epoch": 1, "num_sanity_val_steps": -1, "num_nodes": 1}
+
+
 def _check_common(cfg: DictConfig) -> None:
     data = cfg.get("data")
     if data is None or "_target_" not in data:
@@ -150,6 +164,9 @@ def _check_common(cfg: DictConfig) -> None:
         raise ConfigError("trainer has no _target_; allowed: trainer=default, gpu or ddp")
     try:
         check_int(cfg.get("seed"), "seed")
+        for key, least in TRAINER_INTS.items():
+            if trainer.get(key) is not None:
+                check_int(trainer.get(key), f"trainer.{key}", min=least)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

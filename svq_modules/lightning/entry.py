@@ -156,14 +156,14 @@ def build_model(cfg: DictConfig, datamodule: Any, spec: dict[str, Any]) -> L.Lig
         raise config_error(e, "model._target_") from None
     check_pairing(model_cls, datamodule)
     extra: dict[str, Any] = dict(spec)
-    if "dim" in cfg.model and hasattr(datamodule, "dim"):
+    if "dim" in cfg.model and hasattr(type(datamodule), "dim"):
         dim = _data_dim(datamodule, cfg.data)
         if cfg.model.dim is None:
             extra["dim"] = dim
         elif cfg.model.dim != dim:
             raise ConfigError(f"model.dim={cfg.model.dim} but the vectors in data.path={datamodule.path} have "
                               f"dimension {dim}; allowed: {dim} or null (taken from the data)")
-    if "data_range" in cfg.model and cfg.model.data_range is None and hasattr(datamodule, "data_range"):
+    if "data_range" in cfg.model and cfg.model.data_range is None and hasattr(type(datamodule), "data_range"):
         extra["data_range"] = float(datamodule.data_range)  # PSNR peak = value range of the data
     try:
         model = instantiate(cfg.model, _convert_="all", **extra)
@@ -268,7 +268,7 @@ def eval_model(cfg: DictConfig, ckpt: Path, datamodule: Any) -> L.LightningModul
         raise config_error(e, f"ckpt_path={ckpt}") from None
     check_pairing(model, datamodule)
     dim = getattr(getattr(model, "hparams", None), "dim", None)
-    if hasattr(datamodule, "dim") and dim is not None and _data_dim(datamodule, cfg.data) != int(dim):
+    if hasattr(type(datamodule), "dim") and dim is not None and _data_dim(datamodule, cfg.data) != int(dim):
         raise ConfigError(f"data.path={datamodule.path} holds {datamodule.dim}-dim vectors but the checkpoint "
                           f"quantizes {dim}-dim ones; allowed: a file of {dim}-dim vectors")
     return model

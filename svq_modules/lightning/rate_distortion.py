@@ -70,6 +70,8 @@ class RateDistortionCallback(Callback):
     A minimal module of your own::
 
         class MyModel(L.LightningModule):
+            data_range = 1.0  # PSNR peak (optional; else the datamodule's, else 1.0 with a warning)
+
             def __init__(self):
                 super().__init__()
                 self.net = nn.Linear(8, 8)
@@ -84,9 +86,10 @@ class RateDistortionCallback(Callback):
 
             @torch.no_grad()
             def rd_outputs(self, batch):
-                codes = self.vq(self.net(batch)).indices
+                z = self.net(batch)  # what the quantizer sees
+                codes = self.vq(z).indices
                 recon = [self.vq.reconstruct(codes, l) for l in range(1, self.vq.num_layers + 1)]
-                return batch, recon, codes
+                return z, recon, codes
 
             def configure_optimizers(self):
                 return torch.optim.Adam(self.net.parameters(), 1e-3)
