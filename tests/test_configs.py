@@ -106,8 +106,8 @@ def test_experiment_default_images_is_the_default_run():
 
 
 @pytest.mark.parametrize("option", SETTINGS["debug"])
-def test_debug_options(option):
-    cfg = _compose(overrides=[f"debug={option}"])
+def test_debug_options(option, tmp_path):
+    cfg = _compose(overrides=[f"debug={option}"], tmp_path=tmp_path)
     assert cfg.task_name == "debug" and cfg.trainer.max_epochs >= 1
     if option == "fast_dev_run":
         assert cfg.trainer.fast_dev_run is True
@@ -316,3 +316,17 @@ def test_train_script_rejects_bad_overrides_before_training(override, message, t
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.csv").exists()
+
+
+def test_overfit_trains_on_the_same_crops_every_epoch(tmp_path):
+    import lightning as L
+
+    cfg = _compose(overrides=["debug=overfit", "data.batch_size=4", "data.train_crops_per_epoch=8"], tmp_path=tmp_path)
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    dm.trainer = L.Trainer(overfit_batches=cfg.trainer.overfit_batches, logger=False, enable_progress_bar=False)
+    first, again = (next(iter(dm.train_dataloader())) for _ in range(2))
+    assert torch.equal(first, again)
+    dm.trainer = L.Trainer(logger=False, enable_progress_bar=False)  # a normal run: fresh random crops
+    first, again = (next(iter(dm.train_dataloader())) for _ in range(2))
+    assert not torch.equal(first, again)

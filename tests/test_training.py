@@ -225,3 +225,12 @@ def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     assert ckpt["global_step"] == 2 * 4
     rows = rd_rows(read_metrics(run_dir / "metrics.csv"))
     assert len(rows) == 2
+
+
+def test_debug_fast_dev_run_trains_and_validates_one_batch(tmp_path):
+    run_dir = tmp_path / "debug"
+    proc = run_script("train.py", ["debug=fast_dev_run", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"])
+    assert "Running in `fast_dev_run` mode" in proc.stdout + proc.stderr
+    assert table_line(proc.stdout, "flat")  # one validation batch measured
+    assert "step 1 " in proc.stdout  # one training step
+    assert not (run_dir / "metrics.csv").exists()  # fast_dev_run turns the loggers off

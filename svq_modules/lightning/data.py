@@ -198,7 +198,8 @@ class _LoadersMixin:
     def _loader(self, dataset: Dataset | None, stage: str, batch_size: int, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before asking for its data loader")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and self.drop_last_train,
+        shuffle = train and not getattr(dataset, "fixed", False)  # fixed crops: the same batches every epoch
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=train and self.drop_last_train,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
