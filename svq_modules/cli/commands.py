@@ -19,9 +19,11 @@ import torch
 from ..arrays import ARRAY_SUFFIXES, load_array, save_array
 from ..coding import BitstreamError, compress_layers, decompress_layers, read_header
 from ..coding.container import pack_container, read_container
+from ..coding.image_file import has_image_magic
 from ..validation import check_int, check_vectors
 from .errors import CLIError
 from .fit import FitOptions, check_fit_options, fit_model
+from .images import compress_image, decompress_image, info_image, is_image_path
 from .model_file import load_model, model_to_bytes, pack_model, unpack_model
 from .outputs import bytes_writer, write_outputs
 from .paths import check_distinct, check_input_file, check_output_file
@@ -91,7 +93,9 @@ def _check_compress_options(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    """``compress``: [N, D] array -> ``.svq`` file (one function per kind of input; images will get theirs)."""
+    """``compress``: [N, D] array or image (picked by the input's suffix) -> ``.svq`` file."""
+    if is_image_path(args.data):
+        return compress_image(args)
     return compress_array(args)
 
 
@@ -156,8 +160,19 @@ def _decoder(args: argparse.Namespace, container: Any, model_path: Path | None) 
     return None
 
 
+def _is_image_file(path: str) -> bool:
+    """Whether ``path`` is an image file (by its magic; False for a file that cannot be read)."""
+    return has_image_magic(Path(path).expanduser())
+
+
 def cmd_decompress(args: argparse.Namespace) -> int:
-    """``decompress``: the first ``--layers`` layers of a ``.svq`` file -> array file."""
+    """``decompress``: the first ``--layers`` layers of a ``.svq`` file -> array file, or image for an image file.
+
+    The image path is taken for a file with the image magic, and for an image output
+    name (so that a damaged image file is reported as such, not as a wrong output type).
+    """
+    if _is_image_file(args.input) or is_image_path(args.output):
+        return decompress_image(args)
     # 1. options and files, before any work
     if args.layers is not None:
         try:
@@ -205,8 +220,13 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """``info``: the model section and the layer chunks of a ``.svq`` file."""
-    container = read_container(check_input_file(args.input))
+    """``info``: the model section and the layer chunks of a ``.svq`` file (or the header and layers of an image file)."""
+    src = check_input_file(args.input)
+    if _is_image_file(args.input):
+        return info_image(args)
+    if args.json:
+        raise CLIError(f"--json: only for image files for now; {args.input} is an array file, use info without --json")
+    container = read_container(src)
     model = f"included ({len(container.model)} bytes)" if container.model is not None else "external"
     print(
         f"{args.input}: {container.num_chunks} layer chunks, model fingerprint {container.fingerprint.hex()}, model {model}"

@@ -1,10 +1,21 @@
-"""Command-line tool: layered compression of ``[N, D]`` arrays into ``.svq`` files.
+"""Command-line tool: layered compression of ``[N, D]`` arrays and of images into ``.svq`` files.
 
 Usage::
 
     python -m svq_modules compress data.npy -o data.svq --codebook-size 1024 --bits 4,2,2,2,2
     python -m svq_modules decompress data.svq --layers 3 -o approx.npy --reference data.npy
     python -m svq_modules info data.svq
+
+    python -m svq_modules compress photo.png --model CKPT -o photo.svq
+    python -m svq_modules decompress photo.svq --model CKPT --layers 2 -o out.png
+    python -m svq_modules info photo.svq --json
+
+Images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``, picked by
+the input's suffix) are coded with a trained
+:class:`~svq_modules.lightning.ScalableVQAutoencoder` checkpoint (``--model``,
+written by ``train.py``) into a progressive image file that a cut right after
+any layer leaves decodable; ``decompress`` and ``info`` tell it from an array
+file by its magic. See :mod:`svq_modules.cli.images`.
 
 ``compress`` trains a :class:`~svq_modules.nn.ScalableVQ` on the data
 (EMA k-means, then the hierarchy from the exact per-code statistics of the
@@ -67,14 +78,15 @@ def _bits(text: str) -> list[int | str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m svq_modules``; each subcommand sets ``func`` to its command."""
-    p = _Parser(prog="python -m svq_modules", description="Scalable (layered) VQ compression of [N, D] arrays.")
+    p = _Parser(prog="python -m svq_modules", description="Scalable (layered) VQ compression of [N, D] arrays and images.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{compress,decompress,info}")
 
-    c = sub.add_parser("compress", help="train (or load) a ScalableVQ and write a layered .svq file")
-    c.add_argument("data", help="input [N, D] float array (.npy, .npz, .pt)")
+    c = sub.add_parser("compress", help="train (or load) a ScalableVQ and write a layered .svq file; or code an image")
+    c.add_argument("data", help="input [N, D] float array (.npy, .npz, .pt), or image (.png, .jpg, ...: needs --model)")
     c.add_argument("-o", "--output", required=True, help="output .svq file")
     c.add_argument("--key", help="entry of an .npz file or of a dict saved with torch.save (default: the first)")
-    c.add_argument("--model", help="use this trained model instead of training; the file then needs it to decode")
+    c.add_argument("--model", help="use this trained model instead of training; the file then needs it to decode "
+                                   "(images: the ScalableVQAutoencoder checkpoint of train.py, required)")
     c.add_argument("--save-model", help="also write the trained model to this file (.pt)")
     c.add_argument("--no-store-model", action="store_true", help="do not put the trained model into the .svq file")
     c.add_argument("--coding", choices=CODINGS, default="entropy", help="payload coding (default entropy)")
@@ -92,17 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("decompress", help="decode the first layers of a .svq file")
-    d.add_argument("input", help=".svq file")
-    d.add_argument("-o", "--output", required=True, help="output array (.npy, .npz, .pt)")
+    d.add_argument("input", help=".svq file (array or image file)")
+    d.add_argument("-o", "--output", required=True, help="output array (.npy, .npz, .pt), or image (.png, .jpg, ...)")
     d.add_argument("--layers", type=int, help="number of layers to decode (default all)")
-    d.add_argument("--model", help="the model the file was made with (when it does not include one)")
-    d.add_argument("--reference", help="original array: print the MSE per layer")
+    d.add_argument("--model", help="the model the file was made with (when it does not include one; images: always)")
+    d.add_argument("--reference", help="original array: print the MSE per layer (image file: original image, PSNR)")
     d.add_argument("--reference-key", help="entry of an .npz / dict .pt --reference file (default: the first)")
     d.add_argument("-q", "--quiet", action="store_true", help="no summary")
     d.set_defaults(func=cmd_decompress)
 
     i = sub.add_parser("info", help="print the layers of a .svq file")
     i.add_argument("input", help=".svq file")
+    i.add_argument("--json", action="store_true", help="image files: print one JSON object (layer_end, bpp, ...)")
     i.set_defaults(func=cmd_info)
     return p
 

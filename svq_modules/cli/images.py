@@ -1,0 +1,363 @@
+"""Images through a trained :class:`~svq_modules.lightning.ScalableVQAutoencoder`: progressive image files.
+
+``compress photo.png --model CKPT -o photo.svq`` encodes the image with the
+checkpoint's encoder, quantizes the latents with its ScalableVQ and writes an
+image file (:mod:`svq_modules.coding.image_file`): a header (image size,
+channels, patch grid, a fingerprint of the whole autoencoder) and one chunk
+per layer. ``decompress photo.svq --model CKPT [--layers L] -o out.png``
+decodes the first layers (all by default) with the same checkpoint; ``info
+photo.svq [--json]`` needs no model. A file cut right after a layer decodes
+to that layer.
+
+Choices:
+
+* sizes: the image is padded up to the patch grid by replicating its edge
+  pixels, and the decoded image is cropped back to the original size;
+* channels: RGB and grayscale images (alpha only when fully opaque; palette
+  images become RGB; 16-bit and float images are refused). A grayscale image
+  through an RGB model is replicated to 3 channels and the decoded image is
+  written back as grayscale (the mean of the 3 decoded channels); an RGB image
+  through a grayscale model is refused;
+* pixels are 8-bit, ``/ 255`` into the model and ``round(255 * clamp(y, 0, 1))`` out;
+* output: PNG, JPEG (quality 95, no chroma subsampling: a second, lossy
+  coding), BMP or TIFF, by the output suffix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..coding import BitstreamError, compress_layers, decompress_layers, fingerprint_tensors, read_header
+from ..coding.container import CONTAINER_MAGIC
+from ..coding.image_file import IMAGE_HEADER_SIZE, ImageFile, ImageHeader, pack_image_file, read_image_file
+from ..lightning.table import format_rd_table
+from ..validation import check_int
+from .errors import CLIError, one_line
+from .outputs import bytes_writer, write_outputs
+from .paths import check_distinct, check_input_file, check_output_file
+
+__all__ = [
+    "AUTOENCODER_DOMAIN",
+    "IMAGE_SUFFIXES",
+    "autoencoder_fingerprint",
+    "compress_image",
+    "decode_image",
+    "decompress_image",
+    "encode_image",
+    "image_file_info",
+    "info_image",
+    "is_image_path",
+    "load_autoencoder",
+    "load_image",
+    "save_image",
+]
+
+#: image files read by ``compress`` and written by ``decompress`` (suffix -> Pillow format)
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+IMAGE_SUFFIXES = tuple(_FORMATS)
+#: suffix of the image files ``compress`` writes
+_SVQ_SUFFIXES = (".svq",)
+#: domain of :func:`autoencoder_fingerprint` (it carries the fingerprint's version)
+AUTOENCODER_DOMAIN = b"svq-modules/image-file/autoencoder/v1"
+#: ``compress`` options of the array path that mean nothing for an image: option -> attribute
+_ARRAY_ONLY = {
+    "--key": "key", "--save-model": "save_model", "--no-store-model": "no_store_model",
+    "--embed-centers": "embed_centers", "--codebook-size": "codebook_size", "--bits": "bits", "--epochs": "epochs",
+    "--iters": "iters", "--batch-size": "batch_size", "--kmeans-iters": "kmeans_iters", "--seed": "seed",
+}  # fmt: skip
+_COLOR = {1: "grayscale", 3: "RGB"}
+
+
+def has_container_magic(path: Path) -> bool:
+    """Whether the file at ``path`` starts like a ``.svq`` array container (False when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(CONTAINER_MAGIC)) == CONTAINER_MAGIC
+    except OSError:
+        return False
+
+
+def is_image_path(path: str) -> bool:
+    """Whether ``path`` names an image ``compress`` reads (by suffix, any case)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+# ----------------------------------------------------------------------------------------------- pixels
+
+
+def _opaque(alpha: Any, what: str) -> None:
+    if np.asarray(alpha).min() < 255:
+        raise CLIError(f"{what}: the image has transparent pixels; this codec stores RGB or grayscale, "
+                       f"flatten it onto a background first")
+
+
+def load_image(path: Path, what: str) -> np.ndarray:
+    """``[H, W, C]`` uint8 pixels of an 8-bit image file, ``C`` = 1 (grayscale) or 3 (RGB).
+
+    Raises:
+        CLIError: not an image Pillow reads, several frames, 16-bit / float pixels, transparency.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise CLIError(f"{what}: holds {im.n_frames} frames; give a single image")
+            im.load()
+            mode = im.mode
+            if mode in ("P", "PA"):
+                im, mode = im.convert("RGBA"), "RGBA"
+            if mode in ("1", "L", "LA", "La"):
+                if mode.startswith("L") and len(mode) == 2:
+                    _opaque(im.getchannel("A"), what)
+                return np.asarray(im.convert("L"), dtype=np.uint8)[:, :, None].copy()
+            if mode in ("RGBA", "RGBa"):
+                _opaque(im.getchannel("A"), what)
+            elif mode not in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+                raise CLIError(f"{what}: {mode} pixels (16-bit or floating point); convert the image to 8 bits first")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except CLIError:
+        raise
+    except Exception as e:  # Pillow raises many kinds (UnidentifiedImageError, OSError, DecompressionBombError...)
+        raise CLIError(f"{what}: cannot read the image ({one_line(e)})") from None
+
+
+def save_image(path: Path, pixels: np.ndarray, suffix: str) -> None:
+    """Write ``[H, W, C]`` uint8 pixels (``C`` = 1 or 3) in the format of ``suffix``."""
+    from PIL import Image
+
+    fmt = _FORMATS[suffix.lower()]
+    im = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    im.save(path, format=fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def load_autoencoder(path: Path, what: str) -> Any:
+    """The ScalableVQAutoencoder of a Lightning checkpoint (eval mode, CPU, hierarchy built).
+
+    Raises:
+        CLIError: not a checkpoint, another kind of model, or an image size it cannot take.
+    """
+    from ..lightning import ScalableVQAutoencoder, load_lit_module
+
+    try:
+        model = load_lit_module(path, map_location="cpu")
+    except Exception as e:  # a file of another kind fails in many ways inside torch.load / Lightning
+        raise CLIError(f"{what}: cannot load the checkpoint ({one_line(e)})") from None
+    if not isinstance(model, ScalableVQAutoencoder):
+        raise CLIError(f"{what}: a {type(model).__name__} checkpoint; images need a ScalableVQAutoencoder "
+                       f"checkpoint (written by train.py, e.g. outputs/train/<run>/checkpoints/last.ckpt)")
+    if int(model.hparams.in_channels) not in _COLOR:
+        raise CLIError(f"{what}: the model takes {model.hparams.in_channels}-channel images; "
+                       f"this command handles grayscale (1) and RGB (3) models")
+    model = model.float().eval()
+    model.quantizer.update()  # no-op for checkpoints, which hold a fresh hierarchy
+    return model
+
+
+def autoencoder_fingerprint(model: torch.nn.Module) -> bytes:
+    """8 bytes identifying every weight and buffer of ``model`` (:func:`~svq_modules.coding.fingerprint_tensors`)."""
+    return fingerprint_tensors({k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}, AUTOENCODER_DOMAIN)
+
+
+def _check_channels(channels: int, model: Any, what: str) -> None:
+    model_channels = int(model.hparams.in_channels)
+    if channels > model_channels:
+        raise CLIError(f"{what}: an {_COLOR[channels]} image, but the model takes {_COLOR[model_channels]} images; "
+                       f"convert the image to grayscale first or use an RGB model")
+
+
+@torch.inference_mode()
+def encode_image(model: Any, pixels: np.ndarray) -> tuple[ImageHeader, torch.Tensor]:
+    """The header of ``pixels`` (``[H, W, C]`` uint8) and its ``[1, grid_h, grid_w]`` int64 codeword indices."""
+    height, width, channels = pixels.shape
+    p, model_channels = int(model.hparams.patch_size), int(model.hparams.in_channels)
+    grid = (-(-height // p), -(-width // p))
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0
+    x = x.expand(1, model_channels, height, width)  # a grayscale image through an RGB model: replicated
+    pad = (0, grid[1] * p - width, 0, grid[0] * p - height)
+    if any(pad):
+        x = F.pad(x, pad, mode="replicate")
+    indices = model.quantizer.quantize(model.encode(x))
+    header = ImageHeader(height, width, channels, model_channels, "edge" if any(pad) else "none", p, grid,
+                         autoencoder_fingerprint(model))
+    return header, indices
+
+
+@torch.inference_mode()
+def decode_image(model: Any, header: ImageHeader, decoded: Any) -> np.ndarray:
+    """``[H, W, C]`` uint8 pixels from a :class:`~svq_modules.coding.Decoded` of the image's chunks (all its layers)."""
+    z = decoded.reconstruction()  # [1, grid_h, grid_w, D]
+    y = model.decode(z.permute(0, 3, 1, 2).float())[:, :, : header.height, : header.width].clamp(0, 1)
+    if header.channels == 1 and header.model_channels == 3:
+        y = y.mean(1, keepdim=True)
+    return (y[0].permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def _check_model_option(args: argparse.Namespace, command: str) -> None:
+    if not args.model:
+        raise CLIError(f"{command} of an image needs --model, the trained autoencoder checkpoint "
+                       f"(e.g. outputs/train/<run>/checkpoints/last.ckpt)")
+
+
+def _layer_rows(f: ImageFile) -> list[dict[str, Any]]:
+    """Per layer: coding, symbols, bytes, where it ends, and the file's bits per pixel when cut there."""
+    pixels = f.header.height * f.header.width
+    starts = [IMAGE_HEADER_SIZE, *f.layer_end[:-1]]
+    rows = []
+    for layer, (chunk, start, end) in enumerate(zip(f.chunks, starts, f.layer_end)):
+        h = read_header(chunk)
+        rows.append({"layer": layer, "coding": h.coding, "symbols": h.num_symbols, "bytes": end - start,
+                     "ends at": end, "file bpp": f"{8 * end / pixels:.4f}"})  # fmt: skip
+    return rows
+
+
+def compress_image(args: argparse.Namespace) -> int:
+    """``compress`` of an image: encode with ``--model``'s autoencoder, write the layered image file."""
+    # 1. options and files, before any work
+    _check_model_option(args, "compress")
+    given = [opt for opt, attr in _ARRAY_ONLY.items() if getattr(args, attr, None) not in (None, False)]
+    if given:
+        raise CLIError(f"{', '.join(given)}: options for [N, D] arrays; an image is coded with the "
+                       f"--model checkpoint alone, drop them")
+    src = check_input_file(args.data, "", IMAGE_SUFFIXES)
+    model_path = check_input_file(args.model, "--model")
+    check_distinct([("", src), ("--model", model_path)], [("-o", Path(args.output).expanduser())])
+    out = check_output_file(args.output, "-o", _SVQ_SUFFIXES)
+
+    # 2. inputs
+    pixels = load_image(src, str(args.data))
+    model = load_autoencoder(model_path, f"--model {args.model}")
+    _check_channels(pixels.shape[2], model, str(args.data))
+
+    # 3. work
+    t0 = time.perf_counter()
+    header, indices = encode_image(model, pixels)
+    q = model.quantizer
+    chunks = compress_layers(q.hierarchy, q.tables, indices, coding=args.coding)
+    data = pack_image_file(header, chunks)
+
+    # 4. output
+    write_outputs([(out, bytes_writer(data))])
+    if not args.quiet:
+        ends = np.cumsum([IMAGE_HEADER_SIZE, *map(len, chunks)])[1:].tolist()
+        print(format_rd_table(_layer_rows(ImageFile(header, chunks, ends, len(chunks)))))
+        print(f"wrote {args.output}: {len(data)} bytes, {8 * len(data) / (header.height * header.width):.4f} bpp, "
+              f"{header.height}x{header.width} {_COLOR[header.channels]} image in {len(chunks)} layers "
+              f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _read(path: Path, what: str) -> ImageFile:
+    try:
+        return read_image_file(path)
+    except BitstreamError as e:
+        if has_container_magic(path):
+            raise CLIError(f"{what}: an array file (.svq container), not an image file: decompress it to an array "
+                           f"(.npy, .npz, .pt)") from None
+        raise CLIError(f"{what}: {e}") from None
+
+
+def decompress_image(args: argparse.Namespace) -> int:
+    """``decompress`` of an image file: the first ``--layers`` layers through ``--model``'s decoder."""
+    # 1. options and files, before any work
+    if args.layers is not None:
+        try:
+            check_int(args.layers, "--layers", min=1)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if args.reference_key is not None:
+        raise CLIError("--reference-key names an entry of an array file; an image file's --reference is an image")
+    _check_model_option(args, "decompress")
+    src = check_input_file(args.input)
+    model_path = check_input_file(args.model, "--model")
+    ref_path = check_input_file(args.reference, "--reference", IMAGE_SUFFIXES) if args.reference else None
+    inputs = [("", src), ("--model", model_path)] + ([("--reference", ref_path)] if ref_path is not None else [])
+    check_distinct(inputs, [("-o", Path(args.output).expanduser())])
+    out = check_output_file(args.output, "-o", IMAGE_SUFFIXES)
+
+    # 2. inputs
+    f = _read(src, str(args.input))
+    if args.layers is not None and args.layers > f.num_layers:
+        raise CLIError(f"--layers {args.layers}: {args.input} holds {f.num_layers} layers, cannot decode more")
+    layers = f.num_layers if args.layers is None else args.layers
+    model = load_autoencoder(model_path, f"--model {args.model}")
+    h = f.header
+    fingerprint = autoencoder_fingerprint(model)
+    if fingerprint != h.fingerprint:
+        raise CLIError(f"{args.input} was made with another model (fingerprint {h.fingerprint.hex()}); "
+                       f"--model {args.model} is {fingerprint.hex()}: pass the checkpoint it was made with")
+    reference = load_image(ref_path, f"--reference {args.reference}") if ref_path is not None else None
+    if reference is not None and reference.shape != (h.height, h.width, h.channels):
+        raise CLIError(f"--reference {args.reference}: a {reference.shape[0]}x{reference.shape[1]} "
+                       f"{_COLOR[reference.shape[2]]} image, the file holds a {h.height}x{h.width} {_COLOR[h.channels]} one")
+
+    # 3. work
+    q = model.quantizer
+    try:
+        decoded = decompress_layers(q.hierarchy, q.tables, f.chunks[:layers])
+    except BitstreamError as e:
+        raise CLIError(f"{args.input}: {e} (with --model {args.model})") from None
+    pixels = decode_image(model, h, decoded)
+
+    # 4. output
+    write_outputs([(out, lambda path: save_image(path, pixels, out.suffix))])
+    if not args.quiet:
+        end = f.layer_end[layers - 1]
+        psnr = "" if reference is None else f", PSNR {_psnr(pixels, reference):.2f} dB against --reference"
+        print(f"wrote {args.output}: {h.height}x{h.width} {_COLOR[h.channels]} from {layers} of {f.num_layers} layers "
+              f"({end} bytes, {8 * end / (h.height * h.width):.4f} bpp){psnr}")
+    return 0
+
+
+def image_file_info(f: ImageFile, name: str) -> dict[str, Any]:
+    """What ``info --json`` prints about an image file: header fields, layers, where each ends, bits per pixel."""
+    h = f.header
+    pixels = h.height * h.width
+    first = read_header(f.chunks[0])
+    return {
+        "file": name, "format": "svq-image", "bytes": f.size, "height": h.height, "width": h.width,
+        "channels": h.channels, "model_channels": h.model_channels, "patch_size": h.patch_size,
+        "latent_grid": list(h.grid), "padding": h.padding, "model_fingerprint": h.fingerprint.hex(),
+        "quantizer_fingerprint": first.fingerprint.hex(), "codebook_size": first.num_leaves, "dim": first.dim,
+        "header_bytes": IMAGE_HEADER_SIZE, "num_layers": f.num_layers, "stream_layers": f.stream_layers,
+        "complete": f.num_layers == f.stream_layers, "layer_end": list(f.layer_end),
+        "layer_bytes": [r["bytes"] for r in _layer_rows(f)], "coding": [read_header(c).coding for c in f.chunks],
+        "bpp": [8 * end / pixels for end in f.layer_end],
+    }  # fmt: skip
+
+
+def info_image(args: argparse.Namespace) -> int:
+    """``info`` of an image file (``--json``: one JSON object, see :func:`image_file_info`)."""
+    src = check_input_file(args.input)
+    f = _read(src, str(args.input))
+    info = image_file_info(f, str(args.input))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    h = f.header
+    cut = "" if info["complete"] else f" (cut: the stream has {f.stream_layers})"
+    print(f"{args.input}: {h.height}x{h.width} {_COLOR[h.channels]} image, {f.num_layers} layers{cut}, {f.size} bytes, "
+          f"{info['bpp'][-1]:.4f} bpp; model {h.model_channels} channels, {h.patch_size}-pixel patches, latent grid "
+          f"{h.grid[0]}x{h.grid[1]}, padding {h.padding}, fingerprint {h.fingerprint.hex()}")
+    print(format_rd_table(_layer_rows(f)))
+    return 0

@@ -1,0 +1,271 @@
+"""Images through the command line: ``compress photo.png --model CKPT``, ``decompress``, ``info [--json]``.
+
+A tiny ScalableVQAutoencoder is trained once per module (a plain PyTorch loop
+on crops of the two test images, a few seconds) and saved by Lightning's
+``Trainer.save_checkpoint``, the format ``train.py`` writes. Runs in-process
+through ``svq_modules.cli.main(argv)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from svq_modules.cli import main
+
+#: layers of the tiny model: bits [2, 2] plus the final layer that reaches the codewords
+LAYERS = 3
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def picture(h: int, w: int) -> np.ndarray:
+    """``[h, w, 3]`` uint8: smooth gradients, a disc and a bar (a simple photo-like scene)."""
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    img = np.stack([xx, yy, 0.5 + 0.4 * np.sin(5 * xx + 3 * yy)], axis=-1)
+    disc = (yy - 0.5) ** 2 + (xx - 0.35) ** 2 < 0.06
+    img[disc] = [0.9, 0.2, 0.1]
+    img[(np.abs(xx - 0.75) < 0.06)] *= 0.3
+    return np.round(255 * img).astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def train_tiny(images: list[np.ndarray], seed: int = 0):
+    """A ScalableVQAutoencoder (K=64, D=4, bits 2,2 -> 3 layers, 4-pixel patches) fitted to 16x16 crops of ``images``.
+
+    Grayscale images (``[H, W, 1]``) are replicated to 3 channels, as ``compress`` does.
+    """
+    from svq_modules.lightning import ScalableVQAutoencoder
+
+    torch.manual_seed(seed)
+    model = ScalableVQAutoencoder(codebook_size=64, dim=4, bits=[2, 2], channels=32, patch_size=4, num_res_blocks=0,
+                                  lr=1e-2)  # fmt: skip
+    crops = []
+    for img in images:
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().expand(3, -1, -1) / 255
+        crops += [x[:, i : i + 16, j : j + 16] for i in range(0, x.shape[1] - 15, 6) for j in range(0, x.shape[2] - 15, 6)]
+    x = torch.stack(crops)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is ~8x faster on a busy machine
+    try:
+        for _ in range(400):
+            out = model.quantizer(model.encode(x))
+            loss = F.mse_loss(model.decode(out.quantized), x) + out.loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.quantizer.update()
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """``odd.png`` (37x53 RGB), ``gray.jpg`` (29x22 grayscale), ``model.ckpt`` and ``other.ckpt`` (one decoder weight changed)."""
+    import lightning as L
+
+    d = tmp_path_factory.mktemp("images")
+    rgb = picture(37, 53)
+    gray = np.round(picture(29, 22).astype(np.float64).mean(-1)).astype(np.uint8)
+    Image.fromarray(rgb).save(d / "odd.png")
+    Image.fromarray(gray).save(d / "gray.jpg", quality=95)
+    model = train_tiny([rgb, pixels(d / "gray.jpg")[:, :, None]])
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)  # fmt: skip
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(d / "model.ckpt")
+    ckpt = torch.load(d / "model.ckpt", weights_only=True)
+    ckpt["state_dict"]["decoder.0.bias"][0] += 1e-3  # same architecture, same quantizer, another model
+    torch.save(ckpt, d / "other.ckpt")
+    assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", d / "odd.svq") == 0
+    assert run_quiet("compress", d / "gray.jpg", "--model", d / "model.ckpt", "-o", d / "gray.svq") == 0
+    return d
+
+
+def run_quiet(*argv) -> int:
+    return main([str(a) for a in argv] + ["-q"])
+
+
+def info_json(capsys, path: Path) -> dict:
+    rc, out, err = run(capsys, "info", path, "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def assert_refused(capsys, out_path: Path, *argv) -> str:
+    """Exit status 1, one ``error:`` line on stderr, no traceback, no output file, no temporary file left."""
+    before = set(out_path.parent.iterdir())
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out_path.exists()
+    assert set(out_path.parent.iterdir()) == before
+    return err
+
+
+def decode(capsys, d: Path, src: Path, out: Path, *extra) -> np.ndarray:
+    rc, _, err = run(capsys, "decompress", src, "--model", d / "model.ckpt", "-o", out, *extra)
+    assert rc == 0, err
+    return pixels(out)
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+
+def test_rgb_round_trip_every_layer(files, capsys, tmp_path):
+    d = files
+    original = pixels(d / "odd.png")
+    info = info_json(capsys, d / "odd.svq")
+    assert (info["height"], info["width"], info["channels"], info["num_layers"]) == (37, 53, 3, LAYERS)
+    quality = []
+    for layers in range(1, LAYERS + 1):
+        out = decode(capsys, d, d / "odd.svq", tmp_path / f"l{layers}.png", "--layers", layers)
+        assert out.shape == original.shape and out.dtype == np.uint8
+        quality.append(psnr(out, original))
+    assert all(b >= a for a, b in zip(quality, quality[1:])), quality
+    flat = np.broadcast_to(original.reshape(-1, 3).mean(0).round(), original.shape)  # the best single colour
+    assert quality[-1] > psnr(flat, original) + 3, quality
+    full = decode(capsys, d, d / "odd.svq", tmp_path / "all.png")  # default: every layer
+    assert np.array_equal(full, pixels(tmp_path / f"l{LAYERS}.png"))
+
+
+def test_gray_jpeg_round_trip(files, capsys, tmp_path):
+    d = files
+    original = pixels(d / "gray.jpg")
+    assert original.ndim == 2
+    info = info_json(capsys, d / "gray.svq")
+    assert (info["height"], info["width"], info["channels"], info["model_channels"]) == (29, 22, 1, 3)
+    quality = []
+    for layers in range(1, LAYERS + 1):
+        out = decode(capsys, d, d / "gray.svq", tmp_path / f"l{layers}.png", "--layers", layers)
+        assert out.shape == original.shape  # written back as grayscale
+        quality.append(psnr(out, original))
+    assert all(b >= a for a, b in zip(quality, quality[1:])), quality
+    with Image.open(tmp_path / f"l{LAYERS}.png") as im:
+        assert im.mode == "L" and im.size == (22, 29)
+    jpeg = decode(capsys, d, d / "gray.svq", tmp_path / "out.jpg")
+    assert jpeg.shape == original.shape and psnr(jpeg, pixels(tmp_path / f"l{LAYERS}.png")) > 35  # JPEG q95 of the PNG
+
+
+def test_cut_after_each_layer_decodes_that_layer(files, capsys, tmp_path):
+    d = files
+    data = (d / "odd.svq").read_bytes()
+    ends = info_json(capsys, d / "odd.svq")["layer_end"]
+    for layer, end in enumerate(ends):
+        cut = tmp_path / f"cut{layer}.svq"
+        cut.write_bytes(data[:end])
+        info = info_json(capsys, cut)
+        assert info["num_layers"] == layer + 1 and info["layer_end"] == ends[: layer + 1]
+        assert info["complete"] == (layer == len(ends) - 1) and info["stream_layers"] == len(ends)
+        run(capsys, "decompress", cut, "--model", d / "model.ckpt", "-o", tmp_path / f"cut{layer}.png")
+        run(capsys, "decompress", d / "odd.svq", "--model", d / "model.ckpt", "--layers", layer + 1,
+            "-o", tmp_path / f"full{layer}.png")  # fmt: skip
+        assert (tmp_path / f"cut{layer}.png").read_bytes() == (tmp_path / f"full{layer}.png").read_bytes()
+
+
+def test_info_json(files, capsys):
+    d = files
+    info = info_json(capsys, d / "odd.svq")
+    size = (d / "odd.svq").stat().st_size
+    ends = info["layer_end"]
+    assert len(ends) == info["num_layers"] == len(info["bpp"]) == len(info["layer_bytes"]) == LAYERS
+    assert info["header_bytes"] < ends[0] and all(b > a for a, b in zip(ends, ends[1:])) and ends[-1] == size
+    assert info["bytes"] == size and info["layer_bytes"] == np.diff([info["header_bytes"], *ends]).tolist()
+    assert info["bpp"] == pytest.approx([8 * e / (37 * 53) for e in ends])
+    assert info["latent_grid"] == [10, 14] and info["patch_size"] == 4 and info["padding"] == "edge"
+    rc, text, _ = run(capsys, "info", d / "odd.svq")
+    assert rc == 0 and f"37x53 RGB image, {LAYERS} layers" in text
+
+
+# --------------------------------------------------------------------------------- refused, nothing written
+
+
+def cut_or_corrupt(data: bytes, ends: list[int]) -> dict[str, bytes]:
+    flip = lambda pos: data[:pos] + bytes([data[pos] ^ 0x10]) + data[pos + 1 :]  # noqa: E731
+    cases = {
+        "empty": b"",
+        "inside the header": data[:10],
+        "after the header only": data[:40],
+        "inside the header of layer 0": data[:60],
+        "trailing byte": data + b"\0",
+        "byte in the image header": flip(9),
+        "byte in a chunk header": flip(ends[0] + 20),
+        "last byte": flip(len(data) - 1),
+    }
+    starts = [40, *ends[:-1]]
+    for layer, (start, end) in enumerate(zip(starts, ends)):
+        cases[f"inside layer {layer}"] = data[: (start + end) // 2]
+        cases[f"one byte short of layer {layer}"] = data[: end - 1]
+        cases[f"byte in the payload of layer {layer}"] = flip(end - 6)
+    return cases
+
+
+def test_cut_inside_a_layer_or_corrupt_is_refused(files, capsys, tmp_path):
+    d = files
+    data = (d / "odd.svq").read_bytes()
+    ends = info_json(capsys, d / "odd.svq")["layer_end"]
+    for name, bad in cut_or_corrupt(data, ends).items():
+        src = tmp_path / "bad.svq"
+        src.write_bytes(bad)
+        out = tmp_path / "out.png"
+        err = assert_refused(capsys, out, "decompress", src, "--model", d / "model.ckpt", "-o", out)
+        assert "bad.svq" in err, (name, err)
+        if bad[:4] == b"SVQI":  # an image file: info refuses it too
+            assert_refused(capsys, tmp_path / "none", "info", src, "--json")
+
+
+def test_other_checkpoint_is_refused(files, capsys, tmp_path):
+    d = files
+    out = tmp_path / "out.png"
+    err = assert_refused(capsys, out, "decompress", d / "odd.svq", "--model", d / "other.ckpt", "-o", out)
+    assert "another model" in err
+
+
+def test_image_misuse(files, capsys, tmp_path):
+    d = files
+    out = tmp_path / "x.svq"
+    assert "--model" in assert_refused(capsys, out, "compress", d / "odd.png", "-o", out)
+    assert "--bits" in assert_refused(capsys, out, "compress", d / "odd.png", "--model", d / "model.ckpt", "--bits", "2,1",
+                                      "-o", out)  # fmt: skip
+    before = (d / "odd.png").read_bytes()
+    rc, _, err = run(capsys, "compress", d / "odd.png", "--model", d / "model.ckpt", "-o", d / "odd.png")
+    assert rc == 1 and "same file" in err and (d / "odd.png").read_bytes() == before
+    png = tmp_path / "out.png"
+    assert f"holds {LAYERS} layers" in assert_refused(capsys, png, "decompress", d / "odd.svq", "--model",
+                                                      d / "model.ckpt", "--layers", LAYERS + 1, "-o", png)  # fmt: skip
+    assert "--model" in assert_refused(capsys, png, "decompress", d / "odd.svq", "-o", png)
+    npy = tmp_path / "out.npy"
+    assert "unsupported output type" in assert_refused(capsys, npy, "decompress", d / "odd.svq", "--model",
+                                                       d / "model.ckpt", "-o", npy)  # fmt: skip
+    not_ckpt = tmp_path / "model.pt"
+    torch.save({"x": torch.zeros(2)}, not_ckpt)
+    assert "model.pt" in assert_refused(capsys, out, "compress", d / "odd.png", "--model", not_ckpt, "-o", out)
+    rgba = tmp_path / "alpha.png"
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(rgba)
+    assert "transparent" in assert_refused(capsys, out, "compress", rgba, "--model", d / "model.ckpt", "-o", out)
