@@ -158,7 +158,9 @@ def _check_chunks(parsed: list[Any], header: ImageHeader) -> int:
 
 
 def _read_header(view: memoryview) -> ImageHeader:
-    if bytes(view[:4]) != IMAGE_MAGIC[: len(view[:4])] or len(view) == 0:
+    if len(view) == 0:
+        raise BitstreamError("empty file (0 bytes), not an image file")
+    if bytes(view[:4]) != IMAGE_MAGIC[: len(view[:4])]:
         raise BitstreamError(f"not an image file: bad magic {bytes(view[:4])!r} (expected {IMAGE_MAGIC!r})")
     if len(view) < IMAGE_HEADER_SIZE:
         raise BitstreamError(f"truncated image file: {len(view)} bytes, its header alone has {IMAGE_HEADER_SIZE}")
