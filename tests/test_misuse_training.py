@@ -142,6 +142,14 @@ def test_trainer_settings_out_of_range(tmp_path):
     assert message.startswith("trainer.accelerator=banana:") and "cpu" in message, message
 
 
+def test_switch_that_is_not_true_or_false(tmp_path):
+    assert _error(tmp_path, "data.hflip=maybe") == "data.hflip='maybe' is not allowed: true or false"
+
+
+def test_seed_out_of_range(tmp_path):
+    assert _error(tmp_path, "seed=-1") == "seed must be an int in [0, 4294967295], got -1"
+
+
 def test_bad_setting_exits_with_status_2_and_one_line(tmp_path):
     missing = tmp_path / "missing.npy"
     proc = _script("train.py", "data=vectors", f"data.path={missing}", f"hydra.run.dir={tmp_path / 'run'}")

@@ -163,7 +163,7 @@ def _check_common(cfg: DictConfig) -> None:
     if trainer is None or "_target_" not in trainer:
         raise ConfigError("trainer has no _target_; allowed: trainer=default, gpu or ddp")
     try:
-        check_int(cfg.get("seed"), "seed")
+        check_int(cfg.get("seed"), "seed", min=0, max=2**32 - 1)
         for key, least in TRAINER_INTS.items():
             if trainer.get(key) is not None:
                 check_int(trainer.get(key), f"trainer.{key}", min=least)

@@ -65,6 +65,12 @@ def _to_chw_uint8(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r} is not allowed: true or false")
+    return bool(value)
+
+
 def _to_float(img: torch.Tensor) -> torch.Tensor:
     return img.to(torch.float32).div_(255.0)
 
@@ -249,7 +255,7 @@ class ImageCropDataModule(_LoadersMixin, L.LightningDataModule):
         self.val_batch_size = check_int(val_batch_size, "val_batch_size", min=1)
         self.val_fraction = float(val_fraction)
         self.max_val_crops = None if max_val_crops is None else check_int(max_val_crops, "max_val_crops", min=1)
-        self.hflip = bool(hflip)
+        self.hflip = _check_bool(hflip, "hflip")
         self.num_workers = check_int(num_workers, "num_workers", min=0)
         self.seed = check_int(seed, "seed")
         self.train_images: list[torch.Tensor] | None = None
@@ -372,7 +378,7 @@ class ImageFolderDataModule(ImageCropDataModule):
         if root is None or str(root) in ("", "???"):
             raise ValueError(f"root={root!r} is not allowed: a folder of images ({', '.join(IMAGE_EXTENSIONS)})")
         self.root = Path(str(root)).expanduser()
-        self.recursive = bool(recursive)
+        self.recursive = _check_bool(recursive, "recursive")
         self.max_side = None if max_side is None else check_int(max_side, "max_side", min=1)
         self.save_hyperparameters()
 
