@@ -269,3 +269,32 @@ def test_image_misuse(files, capsys, tmp_path):
     rgba = tmp_path / "alpha.png"
     Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(rgba)
     assert "transparent" in assert_refused(capsys, out, "compress", rgba, "--model", d / "model.ckpt", "-o", out)
+
+
+def test_array_files_keep_their_path(files, capsys, tmp_path):
+    d = files
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32))
+    assert run_quiet("compress", tmp_path / "x.npy", "-o", tmp_path / "x.svq", "--codebook-size", "4", "--bits", "1",
+                     "--epochs", "1") == 0  # fmt: skip
+    png = tmp_path / "x.png"
+    assert "array file" in assert_refused(capsys, png, "decompress", tmp_path / "x.svq", "--model", d / "model.ckpt",
+                                          "-o", png)  # fmt: skip
+    assert "--json" in assert_refused(capsys, tmp_path / "none", "info", tmp_path / "x.svq", "--json")
+    rc, out, _ = run(capsys, "info", tmp_path / "x.svq")
+    assert rc == 0 and "layer chunks" in out
+
+
+def test_image_file_bytes(files):
+    """``coding.image_file`` alone: pack then unpack gives header and chunks back; a grid the chunks do not fit is refused."""
+    from svq_modules.coding import BitstreamError
+    from svq_modules.coding.image_file import IMAGE_HEADER_SIZE, ImageHeader, pack_image_file, unpack_image_file
+
+    f = unpack_image_file((files / "odd.svq").read_bytes())
+    again = unpack_image_file(pack_image_file(f.header, f.chunks))
+    assert again.header == f.header and again.chunks == f.chunks and again.layer_end == f.layer_end
+    assert f.layer_end == np.cumsum([IMAGE_HEADER_SIZE, *map(len, f.chunks)])[1:].tolist()
+    wrong = ImageHeader(41, 53, 3, 3, "edge", 4, (11, 14), f.header.fingerprint)  # a valid header of another grid
+    with pytest.raises(BitstreamError, match="latent grid"):
+        pack_image_file(wrong, f.chunks)
+    with pytest.raises(ValueError, match="latent grid"):
+        pack_image_file(f.header._replace(grid=(9, 14)), f.chunks)

@@ -167,7 +167,10 @@ def load_autoencoder(path: Path, what: str) -> Any:
         raise CLIError(f"{what}: the model takes {model.hparams.in_channels}-channel images; "
                        f"this command handles grayscale (1) and RGB (3) models")
     model = model.float().eval()
-    model.quantizer.update()  # no-op for checkpoints, which hold a fresh hierarchy
+    try:
+        model.quantizer.update()  # no-op for checkpoints, which hold a fresh hierarchy
+    except Exception as e:  # e.g. a quantizer that never saw data
+        raise CLIError(f"{what}: cannot build the quantizer's hierarchy ({one_line(e)})") from None
     return model
 
 
@@ -271,9 +274,6 @@ def _read(path: Path, what: str) -> ImageFile:
     try:
         return read_image_file(path)
     except BitstreamError as e:
-        if has_container_magic(path):
-            raise CLIError(f"{what}: an array file (.svq container), not an image file: decompress it to an array "
-                           f"(.npy, .npz, .pt)") from None
         raise CLIError(f"{what}: {e}") from None
 
 
@@ -287,8 +287,11 @@ def decompress_image(args: argparse.Namespace) -> int:
             raise CLIError(str(e)) from None
     if args.reference_key is not None:
         raise CLIError("--reference-key names an entry of an array file; an image file's --reference is an image")
-    _check_model_option(args, "decompress")
     src = check_input_file(args.input)
+    if has_container_magic(src):
+        raise CLIError(f"{args.input}: an array file (.svq container), not an image file: decompress it to an "
+                       f"array (.npy, .npz, .pt)")
+    _check_model_option(args, "decompress")
     model_path = check_input_file(args.model, "--model")
     ref_path = check_input_file(args.reference, "--reference", IMAGE_SUFFIXES) if args.reference else None
     inputs = [("", src), ("--model", model_path)] + ([("--reference", ref_path)] if ref_path is not None else [])
