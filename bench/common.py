@@ -209,16 +209,19 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 REPORT_DIR = REPO_ROOT / "docs" / "benchmarks"
 
 
-def write_report(name: str, title: str, body: str) -> Path:
-    """Write a benchmark's tables to ``docs/benchmarks/<name>.md`` (what the README links to).
+def write_report(name: str, title: str, body: str, readme: str | None = None) -> Path:
+    """Write a benchmark's tables to ``docs/benchmarks/<name>.md`` and into the README.
 
     ``body`` is the markdown the script printed; the page records the command,
     the date, the machine and the library versions, so figures are never typed
-    by hand.
+    by hand. ``readme`` (default: ``body``) replaces the README's block between
+    ``<!-- bench:<name> -->`` and ``<!-- /bench:<name> -->`` when the README has
+    those markers.
     """
     import datetime
     import os
     import platform
+    import re
     import sys
 
     import torch
@@ -226,11 +229,16 @@ def write_report(name: str, title: str, body: str) -> Path:
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     path = REPORT_DIR / f"{name}.md"
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
-    head = (
-        f"# {title}\n\n"
+    stamp = (
         f"Written by `{cmd}` on {datetime.date.today().isoformat()}: "
         f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), {platform.machine()}, "
-        f"Python {platform.python_version()}, torch {torch.__version__}. Do not edit by hand: rerun the script.\n\n"
+        f"Python {platform.python_version()}, torch {torch.__version__}."
     )
-    path.write_text(head + body.rstrip() + "\n")
+    path.write_text(f"# {title}\n\n{stamp} Do not edit by hand: rerun the script.\n\n{body.rstrip()}\n")
+    readme_path = REPO_ROOT / "README.md"
+    text = readme_path.read_text()
+    block = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
+    if block.search(text):
+        inner = f"{(body if readme is None else readme).rstrip()}\n\n_{stamp} Full report: `docs/benchmarks/{name}.md`._\n"
+        readme_path.write_text(block.sub(lambda m: m.group(1) + inner + m.group(2), text))
     return path
