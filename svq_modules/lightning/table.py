@@ -34,7 +34,7 @@ def _cell(key: str, value: Any) -> str:
 
 
 def format_rd_table(rows: Sequence[Mapping[str, Any]], *, flat: Mapping[str, Any] | None = None,
-                    title: str | None = None) -> str:
+                    title: str | None = None, markdown: bool = False) -> str:
     """Plain-text rate-distortion table: one line per layer, then optionally the flat VQ.
 
     Columns come from the keys of the rows: first ``layer``, then any keys this
@@ -48,6 +48,8 @@ def format_rd_table(rows: Sequence[Mapping[str, Any]], *, flat: Mapping[str, Any
         rows: one mapping per layer, e.g. ``{"layer": 0, "bits": 4.0, "mse": 1e-2}``.
         flat: the flat VQ with the same codebook (same keys); its first column reads ``flat``.
         title: a line above the table.
+        markdown: a Markdown table (for README / docs pages written by ``bench/``) instead
+            of aligned plain text.
 
     Returns:
         The table, lines joined by ``"\\n"`` (no trailing newline).
@@ -66,8 +68,13 @@ def format_rd_table(rows: Sequence[Mapping[str, Any]], *, flat: Mapping[str, Any
     heads = [RD_COLUMNS[k][0] if k in RD_COLUMNS else k for k in columns]
     widths = [max([len(h), RD_COLUMNS.get(k, ("", "", 0))[2]] + [len(line[i]) for line in body])
               for i, (k, h) in enumerate(zip(columns, heads))]
-    head = " ".join(h.rjust(w) for h, w in zip(heads, widths))
     lines = [title] if title else []
+    if markdown:
+        lines += (["", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] if title else
+                  ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)])
+        lines += ["| " + " | ".join(line) + " |" for line in body]
+        return "\n".join(lines)
+    head = " ".join(h.rjust(w) for h, w in zip(heads, widths))
     lines += [head, "-" * len(head)]
     lines += [" ".join(c.rjust(w) for c, w in zip(line, widths)) for line in body]
     return "\n".join(lines)
