@@ -327,6 +327,29 @@ def test_eval_of_the_golden_checkpoint_on_vectors(tmp_path):
     assert "data.path" in message  # a checkpoint is no vector file
 
 
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path):
+    """ckpt_path= of an array file: one line before any data is read, not torch's UnpicklingError."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).normal(size=(200, 3)).astype(np.float32))
+    message = _error(tmp_path, "data=vectors", f"data.path={tmp_path / 'x.npy'}", f"ckpt_path={tmp_path / 'x.npy'}")
+    assert message.startswith(f"ckpt_path={tmp_path / 'x.npy'}: not a checkpoint"), message
+    assert "allowed: a checkpoint train.py wrote" in message
+
+
+def test_resume_from_a_checkpoint_of_another_model(tmp_path):
+    """The golden checkpoint (ScalableVQVectors, K=16) resumed by a run of K=32, or by the autoencoder."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).normal(size=(200, 3)).astype(np.float32))
+    vectors = ["data=vectors", f"data.path={tmp_path / 'x.npy'}", "bits=[2,1,1]"]
+    message = _error(tmp_path, *vectors, "model.codebook_size=32", f"ckpt_path={GOLDEN}")
+    assert message.startswith(f"ckpt_path={GOLDEN}: does not fit this model"), message
+    assert "codebook_size=16" in message and "codebook_size=32" in message, message
+    message = _error(tmp_path, f"ckpt_path={GOLDEN}")
+    assert message.startswith(f"ckpt_path={GOLDEN}: a ScalableVQVectors checkpoint but this run trains a "
+                              f"ScalableVQAutoencoder"), message
+    cfg = _compose("train", [*vectors, "model.codebook_size=16", f"ckpt_path={GOLDEN}"], tmp_path)
+    assert entry.check_resume(cfg.ckpt_path, entry.build_model(cfg, entry.build_datamodule(cfg.data),
+                                                               checks.check_train_config(cfg))) == GOLDEN
+
+
 # ----------------------------------------------------------------------------------------
 # (d) Lightning's checkpoint names hold '='
 # ----------------------------------------------------------------------------------------

@@ -24,7 +24,15 @@ from omegaconf import DictConfig
 
 from .callbacks import HierarchyUpdateCallback, quantizer_fingerprint
 from .checkpoints import extract_quantizer, load_checkpoint, load_lit_module, module_class
-from .checks import ConfigError, check_eval_config, check_train_config, config_error, is_main_process, quote_path_overrides
+from .checks import (
+    ConfigError,
+    check_ckpt_path,
+    check_eval_config,
+    check_train_config,
+    config_error,
+    is_main_process,
+    quote_path_overrides,
+)
 from .modules import ScalableVQVectors
 from .protocol import quantizer_modules
 from .rate_distortion import RateDistortionCallback
@@ -33,6 +41,7 @@ __all__ = [
     "ConfigError",
     "build_datamodule",
     "check_pairing",
+    "check_resume",
     "evaluate",
     "hydra_argv",
     "instantiate_list",
@@ -203,6 +212,35 @@ def print_rank_fingerprints(trainer: L.Trainer, model: Any) -> None:
 # train.py
 # ----------------------------------------------------------------------------------------
 
+def check_resume(value: Any, model: L.LightningModule) -> Path | None:
+    """The checkpoint ``ckpt_path`` resumes from, read and matched to ``model`` before training.
+
+    Raises:
+        ConfigError: not a Lightning checkpoint, one of another LightningModule, or one
+            whose weights do not load into ``model`` (the first complaint named).
+    """
+    path = check_ckpt_path(value)
+    if path is None:
+        return None
+    allowed = "allowed: a checkpoint train.py wrote for this model, e.g. outputs/train/<run>/checkpoints/last.ckpt"
+    try:
+        ckpt = load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        reason = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} ")
+        raise ConfigError(f"ckpt_path={value}: {reason}; {allowed}") from None
+    cls = module_class(ckpt)
+    if cls is not None and not isinstance(model, cls):
+        raise ConfigError(f"ckpt_path={value}: a {cls.__name__} checkpoint but this run trains a "
+                          f"{type(model).__name__}; {allowed}")
+    try:  # what trainer.fit will do first; here it fails in one line, before any data is loaded
+        model.load_state_dict(ckpt["state_dict"], strict=getattr(model, "strict_loading", True))
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        reason = (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]) if lines else ""
+        raise ConfigError(f"ckpt_path={value}: does not fit this model ({reason[:300]}); {allowed}") from None
+    return path
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; returns the final layer's RD figures (rank 0) or ``{}``."""
     t0 = time.perf_counter()
@@ -212,10 +250,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, datamodule, spec)
     trainer = build_trainer(cfg, instantiate_list(cfg.get("callbacks"), "callbacks"))
+    resume = check_resume(cfg.get("ckpt_path"), model)
     setup_data(datamodule, "fit", cfg.data)
 
-    ckpt = cfg.get("ckpt_path")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt is None else str(Path(str(ckpt)).expanduser()))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
     rd = next((c for c in trainer.callbacks if isinstance(c, RateDistortionCallback)), None)
     if cfg.get("final_rd", True) and rd is not None:
         if rd.latest is None or rd.latest["step"] != trainer.global_step:
