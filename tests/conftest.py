@@ -1,3 +1,4 @@
+import mixtures
 import pytest
 import torch
 
@@ -14,9 +15,4 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def gaussian_codes():
     """Data [2000, 3] float64, a codebook of 40 data points, nearest-code indices."""
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(6, 3, generator=g, dtype=torch.float64) * 4
-    x = centers[torch.randint(0, 6, (2000,), generator=g)] + torch.randn(2000, 3, generator=g, dtype=torch.float64)
-    codebook = x[torch.randperm(2000, generator=g)[:40]].clone()
-    indices = torch.cdist(x, codebook).argmin(1)
-    return x, codebook, indices
+    return mixtures.gaussian_codes(0, 2000, 40, dtype=torch.float64)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mixtures import make_model
 
 from svq_modules.coding import (
     MAGIC,
@@ -32,7 +33,7 @@ from svq_modules.coding import (
 )
 from svq_modules.coding.container import atomic_write, pack_container, read_container, unpack_container, write_container
 from svq_modules.coding.payload import pack_raw
-from svq_modules.hierarchy import build_hierarchy, code_statistics
+from svq_modules.hierarchy import build_hierarchy
 from svq_modules.layers import (
     build_layers,
     decode_codes,
@@ -64,19 +65,6 @@ FIELDS = {
     "payload_len": (64, "Q"),
 }
 HEADER_SIZE = 72
-
-
-def make_model(seed: int, n: int = 400, k: int = 32, d: int = 3, bits=(2, 1, 1), cut: str = "greedy"):
-    """Gaussian-mixture data [n, d], a codebook of k data points, hierarchy, tables, indices."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(6, d, generator=g) * 4
-    x = centers[torch.randint(0, 6, (n,), generator=g)] + torch.randn(n, d, generator=g)
-    codebook = x[torch.randperm(n, generator=g)[:k]].clone()
-    idx = torch.cdist(x, codebook).argmin(1)
-    counts, sums = code_statistics(x, idx, k)
-    h = build_hierarchy(codebook, counts, sums)
-    t = build_layers(h, list(bits), cut=cut)
-    return x, h, t, idx
 
 
 def rebuild(chunk: bytes, fix_crc: bool = True, **fields) -> bytes:

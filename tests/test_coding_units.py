@@ -14,6 +14,7 @@ import io
 import zlib
 from pathlib import Path
 
+import mixtures
 import numpy as np
 import pytest
 import torch
@@ -30,23 +31,16 @@ from svq_modules.coding import (
 from svq_modules.coding.chunk import MIN_CHUNK_SIZE, check_sequence, pack_chunk, parse_chunk
 from svq_modules.coding.container import pack_container, read_container, unpack_container
 from svq_modules.coding.payload import pack_raw, unpack_raw
-from svq_modules.hierarchy import Hierarchy, build_hierarchy, code_statistics
-from svq_modules.layers import LayerTables, build_layers, decode_codes, encode_indices
+from svq_modules.hierarchy import Hierarchy
+from svq_modules.layers import LayerTables, decode_codes, encode_indices
 
 DATA = Path(__file__).resolve().parent / "data"
 CODING_DIR = Path(stream_module.__file__).resolve().parent
 
 
 def make_model(seed: int, n: int = 400, k: int = 32, d: int = 3, bits=(2, 1, 1)):
-    """Gaussian-mixture data, a codebook of k data points, its hierarchy, tables and indices."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(6, d, generator=g) * 4
-    x = centers[torch.randint(0, 6, (n,), generator=g)] + torch.randn(n, d, generator=g)
-    codebook = x[torch.randperm(n, generator=g)[:k]].clone()
-    idx = torch.cdist(x, codebook).argmin(1)
-    counts, sums = code_statistics(x, idx, k)
-    h = build_hierarchy(codebook, counts, sums)
-    return h, build_layers(h, list(bits)), idx
+    """Hierarchy, tables and indices of :func:`mixtures.make_model` (its data left out)."""
+    return mixtures.make_model(seed, n, k, d, bits)[1:]
 
 
 @pytest.fixture(scope="module")
