@@ -18,8 +18,11 @@ one *phase* per constraint row and a free one (:func:`_merge_phase`). A phase
 is a loop of rounds (:func:`_merge_round`): merge all mutually-nearest pairs
 (:func:`_record_merges`), then update the candidate lists of the surviving
 roots (:func:`_update_survivors`) and of the new nodes
-(:func:`_inherit_candidates`). Distances come from two pure blocked kernels,
-:func:`_candidate_rows` and :func:`_pair_costs`.
+(:func:`_inherit_candidates`). Distances come from the pure blocked kernels
+of :mod:`svq_modules.linkage`; a constrained phase compares each node with its
+own label's nodes only. :func:`ward_clusters` runs one such phase stopped
+early (at most m clusters per label), for the nested layers
+(:mod:`svq_modules.nested`).
 """
 
 from __future__ import annotations
@@ -31,18 +34,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .validation import check_codebook, check_finite, check_indices
+from .linkage import LINKAGES, candidate_rows, pair_costs
+from .tree import scan_to_marked
+from .validation import check_codebook, check_finite, check_indices, check_int
 
 __all__ = [
     "Hierarchy",
     "ConstrainedHierarchy",
     "build_hierarchy",
     "build_constrained_hierarchy",
+    "ward_clusters",
     "code_statistics",
     "LINKAGES",
 ]
-
-LINKAGES = ("ward", "centroid")
 
 # weight given to codes no vector uses: they merge first, at (almost) no cost,
 # and barely move the centroid of the node they join.
@@ -55,6 +59,10 @@ _CANDIDATES = 16
 _CANDIDATES_LARGE = 64
 _LARGE_CODEBOOK = 32768
 _MIN_BLOCK_ROWS = 64
+# a phase whose groups need at most this many pair costs (padded) runs on dense per-group matrices
+_DENSE_PHASE_ELEMENTS = 1 << 22
+# ... and no group is larger than this (larger ones reuse work across rounds with candidate lists)
+_DENSE_MAX_GROUP = 512
 
 
 def code_statistics(
@@ -174,83 +182,6 @@ class Hierarchy:
         return factor * (self.center[left] - self.center[right]).pow(2).sum(-1)
 
 
-def _candidate_rows(
-    rows: Tensor,
-    active: Tensor,
-    mu: Tensor,
-    weight: Tensor,
-    sqnorm: Tensor,
-    linkage: str,
-    k: int,
-    block_elements: int,
-    label: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The ``k`` cheapest active partners of each node in ``rows``.
-
-    With ``label [M+1]``, only nodes of the same label are partners.
-
-    Blocked so that at most ``block_elements`` costs are in memory at once.
-
-    Args:
-        rows: ``[R]`` int64 node ids (all active).
-        active: ``[m]`` int64 active node ids, sorted ascending.
-
-    Returns:
-        ``(cand [R, k] int64, cost [R, k] float)`` sorted by cost; missing
-        partners (fewer than k others) are padded with the sentinel id
-        ``mu.shape[0] - 1`` and cost ``inf``.
-    """
-    num_rows, num_active = rows.shape[0], active.shape[0]
-    sentinel = mu.shape[0] - 1
-    kk = min(k, max(1, num_active - 1))
-    cand = torch.full((num_rows, k), sentinel, dtype=torch.long, device=mu.device)
-    cost = torch.full((num_rows, k), math.inf, dtype=mu.dtype, device=mu.device)
-    if num_active < 2:
-        return cand, cost
-    # squared distances in one product: [mu_r, |mu_r|^2, 1] . [-2 mu_a, 1, |mu_a|^2]
-    cols = torch.cat([-2.0 * mu[active], torch.ones_like(sqnorm[active])[:, None], sqnorm[active, None]], 1)
-    cols = cols.T.contiguous()
-    w_inv = 1.0 / weight[active]
-    self_pos = torch.searchsorted(active, rows)
-    # at least _MIN_BLOCK_ROWS rows per block: fewer, larger products for large K
-    step = max(_MIN_BLOCK_ROWS, block_elements // num_active)
-    buf = None
-    for start in range(0, num_rows, step):
-        r = rows[start : start + step]
-        dist = torch.cat([mu[r], sqnorm[r, None], torch.ones_like(sqnorm[r])[:, None]], 1) @ cols
-        if linkage == "ward":
-            if buf is None or buf.shape[0] != r.shape[0]:
-                buf = torch.empty_like(dist)
-            dist.div_(torch.add(w_inv[None, :], (1.0 / weight[r])[:, None], out=buf))
-        dist[torch.arange(r.shape[0], device=r.device), self_pos[start : start + step]] = math.inf
-        if label is not None:
-            dist.masked_fill_(label[r][:, None] != label[active][None, :], math.inf)
-        if kk == 1:
-            c, j = dist.min(dim=1, keepdim=True)
-        else:
-            c, j = torch.topk(dist, kk, dim=1, largest=False, sorted=True)
-        cand[start : start + step, :kk] = active[j]
-        cost[start : start + step, :kk] = c.clamp_(min=0.0)
-    cand[~torch.isfinite(cost)] = sentinel
-    return cand, cost
-
-
-def _pair_costs(
-    rows: Tensor, cols: Tensor, mu: Tensor, weight: Tensor, linkage: str, block: int, label: Tensor | None = None
-) -> Tensor:
-    """Exact linkage cost of node pairs ``(rows[i], cols[i])``: ``[P]`` float (inf across labels)."""
-    out = torch.empty(rows.shape, dtype=mu.dtype, device=mu.device)
-    for start in range(0, rows.shape[0], block):
-        r, c = rows[start : start + block], cols[start : start + block]
-        d = (mu[c] - mu[r]).pow(2).sum(-1)
-        if linkage == "ward":
-            d = d * (weight[r] * weight[c] / (weight[r] + weight[c]))
-        if label is not None:
-            d = d.masked_fill(label[r] != label[c], math.inf)
-        out[start : start + block] = d
-    return out
-
-
 class ConstrainedHierarchy(NamedTuple):
     """A merge tree and the constraint level each of its nodes was formed at.
 
@@ -341,6 +272,41 @@ def build_constrained_hierarchy(
     if bar is not None:
         bar.close()
     return ConstrainedHierarchy(_finish(state, codebook), state.node_level)
+
+
+def ward_clusters(
+    points: Tensor, counts: Tensor, labels: Tensor, max_clusters: int, *, block_size: int | None = None
+) -> Tensor:
+    """Ward agglomeration inside each label, stopped at ``max_clusters`` clusters per label.
+
+    The same batched merging as :func:`build_hierarchy` (phase of one
+    constraint row), stopped early: in each label the cheapest mutually-nearest
+    pairs merge until at most ``max_clusters`` clusters are left. Items without
+    data (count 0) first join their nearest item with data in the same label.
+
+    Args:
+        points: ``[n, D]`` float item centroids (e.g. data means of codewords).
+        counts: ``[n]`` float >= 0 item weights (data counts).
+        labels: ``[n]`` int64 label of each item; clusters never straddle labels.
+        max_clusters: clusters per label, an int >= 1.
+        block_size: distance block elements (memory knob).
+
+    Returns:
+        ``[n]`` int64 cluster of each item, numbered ``0..C-1``.
+    """
+    max_clusters = check_int(max_clusters, "max_clusters", min=1)
+    points = check_codebook(points)
+    counts = _check_stat(counts, (points.shape[0],), "counts", points)
+    if not torch.is_tensor(labels) or labels.shape != (points.shape[0],) or labels.is_floating_point():
+        raise ValueError(f"labels must be a [{points.shape[0]}] integer tensor, got {list(labels.shape)}")
+    labels = labels.to(device=points.device, dtype=torch.long)
+    if points.shape[0] == 1:
+        return torch.zeros(1, dtype=torch.long, device=points.device)
+    state = MergeState.start(points, counts, points * counts[:, None], "ward", block_size)
+    _absorb_empty_codes(state, labels[None])
+    _merge_phase(state, 1, labels, None, max_roots=max_clusters)
+    root, _, _ = scan_to_marked(state.parent, state.alive[: state.num_nodes])
+    return torch.unique(root[: points.shape[0]], return_inverse=True)[1]
 
 
 def _check_build_inputs(
@@ -503,7 +469,7 @@ class MergeState:
 
 def _refresh(state: MergeState, rows: Tensor, active: Tensor) -> None:
     """Rescan the candidate lists of ``rows [R]`` against all ``active [m]`` nodes."""
-    c, cost = _candidate_rows(
+    c, cost = candidate_rows(
         rows, active, state.mu, state.weight, state.sqnorm, state.linkage, state.cand.shape[1],
         state.block_elements, state.label,
     )
@@ -518,14 +484,14 @@ def _fill_costs(state: MergeState, rows: Tensor, cand: Tensor, cost: Tensor) -> 
     ``rows [R]``; partners that are no longer roots cost inf. Returns ``cost``."""
     todo = torch.isnan(cost)
     r = rows[:, None].expand_as(cand)[todo]
-    cost[todo] = _pair_costs(r, cand[todo], state.mu, state.weight, state.linkage, state.pair_block, state.label)
+    cost[todo] = pair_costs(r, cand[todo], state.mu, state.weight, state.linkage, state.pair_block, state.label)
     cost[~state.alive[cand]] = math.inf
     return cost
 
 
-def _merge_phase(state: MergeState, level: int, leaf_label: Tensor | None, bar: Any) -> None:
-    """Merge mutually-nearest pairs, round after round, until one root per label
-    of ``leaf_label [K]`` (None: one root) remains; new nodes get ``level``."""
+def _merge_phase(state: MergeState, level: int, leaf_label: Tensor | None, bar: Any, max_roots: int = 1) -> None:
+    """Merge mutually-nearest pairs, round after round, until at most ``max_roots``
+    roots per label of ``leaf_label [K]`` (None: one label) remain; new nodes get ``level``."""
     if state.done:
         return
     if leaf_label is None:
@@ -535,28 +501,110 @@ def _merge_phase(state: MergeState, level: int, leaf_label: Tensor | None, bar: 
         nodes = state.some_leaf[: state.num_nodes].clamp_max(state.num_codes - 1)
         state.label[: state.num_nodes] = leaf_label[nodes]
     active = state.active()
+    groups = _small_groups(state, active)
+    if groups is not None:
+        _dense_phase(state, level, groups, max_roots, bar)
+        return
     _refresh(state, active, active)
     while not state.done:
-        merged = _merge_round(state, level)
+        merged = _merge_round(state, level, max_roots)
         if merged == 0:
-            break  # every label of this phase is merged into one node
+            break  # every label of this phase is down to max_roots roots
         if bar is not None:
             bar.update(merged)
 
 
-def _merge_round(state: MergeState, level: int) -> int:
-    """Merge every mutually-nearest pair at once, then update the candidate lists.
+def _small_groups(state: MergeState, active: Tensor) -> list[Tensor] | None:
+    """The active nodes as padded ``[G, S]`` id tables, one per size class (sizes in
+    ``(S/2, S]``), when the groups are small (see ``_DENSE_MAX_GROUP``); else None."""
+    if state.label is None:
+        group, sizes = torch.zeros_like(active), active.new_tensor([active.numel()])
+    else:
+        _, group, sizes = torch.unique(state.label[active], return_inverse=True, return_counts=True)
+    width = sizes.double().log2().ceil().exp2().long()  # size class: the next power of two
+    if int(width.max()) > _DENSE_MAX_GROUP or int((width * width).sum()) > _DENSE_PHASE_ELEMENTS:
+        return None
+    order = torch.argsort(group, stable=True)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(active.numel(), device=active.device) - torch.searchsorted(group[order], group[order])
+    tables = []
+    for size in torch.unique(width).tolist():  # one table per size class (at most log2 K of them)
+        in_class = width == size
+        row = torch.cumsum(in_class.long(), 0) - 1
+        table = torch.full((int(in_class.sum()), size), -1, dtype=torch.long, device=active.device)
+        mine = in_class[group]
+        table[row[group[mine]], slot[mine]] = active[mine]
+        tables.append(table)
+    return tables
+
+
+def _dense_phase(state: MergeState, level: int, tables: list[Tensor], max_roots: int, bar: Any) -> None:
+    """:func:`_merge_phase` for small groups: each round, every group's pair costs in one
+    padded matrix (no candidate lists); all mutually-nearest pairs merge, at most down to
+    ``max_roots`` roots per group. ``tables``: from :func:`_small_groups` (updated in place)."""
+    while tables:
+        merged, still = 0, []
+        for ids in tables:
+            done = _dense_round(state, level, ids, max_roots)
+            merged += done
+            if done:
+                still.append(ids)
+        tables = still
+        if bar is not None:
+            bar.update(merged)
+
+
+def _dense_round(state: MergeState, level: int, ids: Tensor, max_roots: int) -> int:
+    """One round of :func:`_dense_phase` on ``ids [G, S]`` (node ids, -1 pads; updated). Returns the merges."""
+    alive = ids >= 0
+    room = alive.sum(1) - max_roots
+    busy = room > 0
+    if not bool(busy.any()):
+        return 0
+    safe = ids.clamp_min(0)
+    x, sq, w = state.mu[safe], state.sqnorm[safe], state.weight[safe]
+    cost = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.transpose(1, 2), alpha=-2.0).clamp_(min=0.0)
+    if state.linkage == "ward":
+        cost.div_(1.0 / w[:, :, None] + 1.0 / w[:, None, :])
+    width = ids.shape[1]
+    cols = torch.arange(width, device=ids.device)
+    pair_ok = alive[:, :, None] & alive[:, None, :] & busy[:, None, None] & (cols[:, None] != cols[None, :])
+    cost.masked_fill_(~pair_ok, math.inf)
+    best, nn = cost.min(2)
+    mutual = (nn.gather(1, nn) == cols) & (cols < nn) & torch.isfinite(best)
+    rank = torch.where(mutual, best, math.inf).argsort(1).argsort(1)
+    take = mutual & (rank < room[:, None])
+    stuck = busy & ~take.any(1)  # float ties: the group's cheapest pair
+    if bool(stuck.any()):
+        take[stuck.nonzero().squeeze(1), best[stuck].argmin(1)] = True
+    g, s = take.nonzero(as_tuple=True)
+    t = nn[g, s]
+    a, b = ids[g, s], ids[g, t]
+    state.nn_cost[a] = best[g, s]
+    ids[g, s] = _record_merges(state, a, b, level)
+    ids[g, t] = -1
+    return a.numel()
+
+
+def _merge_round(state: MergeState, level: int, max_roots: int = 1) -> int:
+    """Merge every mutually-nearest pair at once (with ``max_roots > 1``, only the
+    cheapest pairs that leave a label at least ``max_roots`` roots), then update
+    the candidate lists.
 
     Returns the number of merges (0: no two roots may merge in this phase).
     """
     active = state.active()
     partner = state.nn[active]
-    finite = torch.isfinite(state.nn_cost[active])
-    mutual = (state.nn[partner] == active) & (active < partner) & finite
+    eligible = torch.isfinite(state.nn_cost[active])
+    if max_roots > 1:
+        eligible &= _label_has_room(state, active, max_roots)
+    mutual = (state.nn[partner] == active) & (active < partner) & eligible
     a = active[mutual]
+    if max_roots > 1 and a.numel():
+        a = _cheapest_within_room(state, active, a, max_roots)
     if a.numel() == 0:  # float ties / rounding: merge the globally cheapest pair
-        i = state.nn_cost[active].argmin()
-        if not bool(finite[i]):
+        i = torch.where(eligible, state.nn_cost[active], math.inf).argmin()
+        if not bool(eligible[i]):
             return 0
         a = active[i].reshape(1)
     b = state.nn[a]
@@ -572,6 +620,33 @@ def _merge_round(state: MergeState, level: int) -> int:
     _update_survivors(state, state.next_id - a.numel(), active)
     _inherit_candidates(state, a, b, new, active)
     return a.numel()
+
+
+def _label_groups(state: MergeState, active: Tensor) -> tuple[Tensor, Tensor]:
+    """``(group [m] int64, roots [G] int64)``: label group of each active node and roots per group."""
+    if state.label is None:
+        return torch.zeros_like(active), active.new_tensor([active.numel()])
+    _, group, roots = torch.unique(state.label[active], return_inverse=True, return_counts=True)
+    return group, roots
+
+
+def _label_has_room(state: MergeState, active: Tensor, max_roots: int) -> Tensor:
+    """``[m]`` bool: the active node's label still has more than ``max_roots`` roots."""
+    group, roots = _label_groups(state, active)
+    return roots[group] > max_roots
+
+
+def _cheapest_within_room(state: MergeState, active: Tensor, a: Tensor, max_roots: int) -> Tensor:
+    """The pairs ``a [P]`` (first nodes of mutually-nearest pairs) to merge now: per label,
+    the cheapest ``roots - max_roots`` of them. Returns them ascending."""
+    group, roots = _label_groups(state, active)
+    g = group[torch.searchsorted(active, a)]
+    order = torch.argsort(state.nn_cost[a], stable=True)
+    order = order[torch.argsort(g[order], stable=True)]
+    g_sorted = g[order]
+    rank = torch.arange(a.numel(), device=a.device) - torch.searchsorted(g_sorted, g_sorted)
+    keep = order[rank < (roots - max_roots)[g_sorted]]
+    return a[keep.sort().values]
 
 
 def _record_merges(state: MergeState, a: Tensor, b: Tensor, level: int) -> Tensor:

@@ -45,6 +45,7 @@ __all__ = [
     "LayerRates",
     "BitProposal",
     "CUTS",
+    "TREE_CUTS",
     "PROPOSALS",
     "build_layers",
     "resolve_bits",
@@ -57,7 +58,10 @@ __all__ = [
     "node_log2_prob",
 ]
 
-CUTS = ("greedy", "depth")
+#: layer methods: "nested" (default of :func:`svq_modules.nested.build_scalable`: Lloyd-optimised
+#: cells and their own tree) and the two cuts of a given tree that :func:`build_layers` makes
+CUTS = ("nested", "greedy", "depth")
+TREE_CUTS = ("greedy", "depth")
 # PROPOSALS and BitProposal are validation's (with the one bit-proposal check), re-exported here
 # smallest probability a branch may get, so every symbol stays codable
 PROB_FLOOR = 2.0**-20
@@ -128,8 +132,14 @@ class _Cutter:
     """Precomputed tree facts shared by every cut of one hierarchy."""
 
     def __init__(self, hierarchy: Hierarchy, cut: str, node_level: Tensor | None = None):
-        if cut not in CUTS:
-            raise ValueError(f"unknown cut {cut!r}; expected one of {CUTS}")
+        if cut == "nested":
+            raise ValueError(
+                "cut='nested' moves codewords between cells, so it builds its own tree: call "
+                "svq_modules.nested.build_scalable (or build_nested) with the codebook; build_layers cuts a given "
+                f"tree with one of {TREE_CUTS}"
+            )
+        if cut not in TREE_CUTS:
+            raise ValueError(f"unknown cut {cut!r}; expected one of {TREE_CUTS}")
         self.h = hierarchy
         self.cut = cut
         self.num_leaves = hierarchy.num_leaves
@@ -214,7 +224,8 @@ def resolve_bits(
         num_layers: total layers L including the final one (an int >= 2).
             Required for a callable; defaults to 5 for the named strategies;
             must be ``len(bits) + 1`` with a list.
-        cut: the cut the widths will be used with (named strategies simulate it).
+        cut: the cut the widths will be used with (named strategies simulate
+            it; ``"nested"`` simulates ``"greedy"``, its starting point).
 
     Returns:
         Widths of the listed layers (the final layer is added by :func:`build_layers`).
@@ -231,6 +242,7 @@ def _proposal_widths(
     bits: list[int] | int | str | Callable[..., Sequence[int]], hierarchy: Hierarchy, num_layers: int | None, cut: str
 ) -> list[int]:
     """:func:`resolve_bits` of a proposal already passed through :func:`check_bit_proposal`."""
+    cut = "greedy" if cut == "nested" else cut  # nested layers start from the greedy cut
     if isinstance(bits, list):
         return bits
     if isinstance(bits, str):

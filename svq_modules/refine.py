@@ -12,6 +12,9 @@ partition move: top-down, layer by layer,
    subtree and the next layer cuts inside it.
 
 Costs one tree build per listed layer; every step is batched tensor work.
+The default layers (:mod:`svq_modules.nested`) reach the same quality with one
+constrained build in all; this per-layer rebuild stays as the option
+``refine=True``. :func:`lloyd_within` lives in :mod:`svq_modules.lloyd`.
 """
 
 from __future__ import annotations
@@ -21,52 +24,10 @@ from torch import Tensor
 
 from .hierarchy import Hierarchy, build_constrained_hierarchy
 from .layers import LayerTables, build_layers, resolve_bits
+from .lloyd import lloyd_within
 from .validation import BitProposal, check_bit_proposal, check_int
 
 __all__ = ["build_refined", "lloyd_within"]
-
-
-def lloyd_within(cells: Tensor, parents: Tensor, points: Tensor, weights: Tensor, iters: int = 10) -> Tensor:
-    """Count-weighted Lloyd on leaves, each moving only among its parent's cells.
-
-    Args:
-        cells: ``[K]`` int64 cell label of each leaf.
-        parents: ``[K]`` int64 parent-cell label (cells never straddle parents).
-        points: ``[K, D]`` float leaf positions (data means).
-        weights: ``[K]`` float > 0 leaf weights (data counts).
-        iters: maximum Lloyd iterations, an int >= 0 (stops early when nothing moves).
-
-    Returns:
-        ``[K]`` int64 refined cell labels (a subset of the input labels).
-    """
-    iters = check_int(iters, "iters", min=0)
-    uniq, cell = torch.unique(cells, return_inverse=True)
-    num_cells = uniq.numel()
-    cell_parent = torch.zeros(num_cells, dtype=torch.long, device=cells.device).scatter_(0, cell, parents)
-    # cells of each parent, padded: table [P, G]
-    _, parent_id = torch.unique(cell_parent, return_inverse=True)
-    order = torch.argsort(parent_id, stable=True)
-    sorted_parent = parent_id[order]
-    slot = torch.arange(num_cells, device=cells.device) - torch.searchsorted(sorted_parent, sorted_parent)
-    width = int(slot.max()) + 1
-    table = torch.full((int(parent_id.max()) + 1, width), -1, dtype=torch.long, device=cells.device)
-    table[sorted_parent, slot] = order
-    options = table[parent_id[cell]]  # [K, G] candidate cells of each leaf
-    valid = options >= 0
-    options_safe = options.clamp_min(0)
-    w = weights.to(points.dtype)
-    for _ in range(iters):
-        mass = torch.zeros(num_cells, dtype=points.dtype, device=points.device).index_add_(0, cell, w)
-        total = torch.zeros(num_cells, points.shape[1], dtype=points.dtype, device=points.device)
-        total.index_add_(0, cell, points * w[:, None])
-        centers = total / mass.clamp_min(torch.finfo(points.dtype).tiny)[:, None]
-        dist = (points[:, None, :] - centers[options_safe]).pow(2).sum(-1)
-        dist = dist.masked_fill(~valid | (mass[options_safe] <= 0), float("inf"))
-        new_cell = options_safe.gather(1, dist.argmin(1, keepdim=True)).squeeze(1)
-        if torch.equal(new_cell, cell):
-            break
-        cell = new_cell
-    return uniq[cell]
 
 
 def build_refined(

@@ -1,0 +1,256 @@
+"""Nested layers near the flat k-means bound: the default way a codebook is cut into layers.
+
+A layer of ``b`` bits splits every cell of the layer above into at most ``2**b``
+cells. The greedy cut of a Ward tree (:mod:`svq_modules.layers`) gets close to
+a flat k-means with as many cells, but the tree fixes which codewords travel
+together, so its coarse layers stay 3-15 % above the bound. Here the cells
+themselves are optimised, top-down, with count-weighted Lloyd iterations on
+the K codewords (their data means, weighted by their data counts, so the
+codewords' error is the data's error up to a constant):
+
+1. one Ward tree (:func:`~svq_modules.hierarchy.build_hierarchy`) and its
+   greedy cut give every layer a starting partition and a reference error;
+2. layer by layer, with the layer above fixed, two candidates for this layer
+   and the next one are refined inside their parent cells
+   (:mod:`svq_modules.lloyd`):
+
+   * *joint*: both levels at once (each codeword picks a cell and a sub-cell
+     together), which moves coarse cells only where the finer layer follows;
+   * *sequential*: this level alone, then the next level is cut again inside
+     the new cells by Ward agglomeration
+     (:func:`~svq_modules.hierarchy.ward_clusters`, on the Ward tree's finer
+     cells as units) and refined alone;
+
+   the one whose worse level, as a ratio to the greedy cut's error at that
+   level, is lower is kept; the next layer starts from its finer level;
+3. one constrained build (:func:`~svq_modules.hierarchy.build_constrained_hierarchy`)
+   turns the nested labels into a tree: Ward inside the finest cells, then
+   inside each coarser cell, so every cell is a subtree, and
+   :func:`~svq_modules.layers.build_layers` cuts exactly those cells.
+
+Two tree builds in all (the second one only merges inside small cells), a few
+Lloyd iterations per layer; every step is batched tensor work on the
+codebook's device. Full depth still decodes the exact codeword, and the
+layers' entropy-coded cost telescopes to ``H(indices)`` at full depth whatever
+the cells are (:func:`~svq_modules.layers.layer_rates`).
+
+:func:`build_scalable` is the one entry point for every option: the nested
+layers (``cut="nested"``, default), a cut of the plain Ward tree
+(``"greedy"``, ``"depth"``), or the per-layer rebuild of
+:func:`~svq_modules.refine.build_refined` (``refine=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .hierarchy import Hierarchy, build_constrained_hierarchy, build_hierarchy, ward_clusters
+from .layers import CUTS, LayerTables, build_layers, resolve_bits
+from .lloyd import cell_error, joint_lloyd, lloyd_within
+from .refine import build_refined
+from .validation import BitProposal, check_bit_proposal, check_int
+
+__all__ = ["build_nested", "build_scalable", "nested_cells"]
+
+# a finer level's error weighs at most this many times the coarser one's in the joint step
+_MAX_LEVEL_WEIGHT = 16.0
+
+
+def build_scalable(
+    codebook: Tensor,
+    counts: Tensor | None = None,
+    sums: Tensor | None = None,
+    bits: BitProposal = (4, 2, 2, 2, 2),
+    *,
+    num_layers: int | None = None,
+    cut: str = "nested",
+    refine: bool = False,
+    linkage: str = "ward",
+    block_size: int | None = None,
+    progress: bool = False,
+    unconstrained: Hierarchy | None = None,
+) -> tuple[Hierarchy, LayerTables]:
+    """Hierarchy and layer tables of a codebook, by any of the package's methods.
+
+    Args:
+        codebook: ``[K, D]`` float codewords.
+        counts, sums: per-code statistics (see :func:`~svq_modules.hierarchy.code_statistics`).
+        bits: bit proposal (see :func:`~svq_modules.layers.resolve_bits`).
+        num_layers: total layers L (final layer included) for non-list proposals.
+        cut: ``"nested"`` (default, :func:`build_nested`), ``"greedy"`` or
+            ``"depth"`` (cuts of the plain Ward tree, :func:`~svq_modules.layers.build_layers`).
+        refine: the per-layer rebuild of :func:`~svq_modules.refine.build_refined`
+            (with ``cut="nested"`` it refines greedy cuts).
+        linkage, block_size, progress: as for :func:`~svq_modules.hierarchy.build_hierarchy`.
+        unconstrained: the plain tree of the same inputs, if already built.
+
+    Returns:
+        ``(hierarchy, tables)``.
+    """
+    if cut not in CUTS:
+        raise ValueError(f"unknown cut {cut!r}; expected one of {CUTS}")
+    build = dict(num_layers=num_layers, linkage=linkage, block_size=block_size, progress=progress,
+                 unconstrained=unconstrained)
+    if refine:
+        return build_refined(codebook, counts, sums, bits, cut="greedy" if cut == "nested" else cut, **build)
+    if cut == "nested":
+        return build_nested(codebook, counts, sums, bits, **build)
+    hierarchy = unconstrained
+    if hierarchy is None:
+        hierarchy = build_hierarchy(codebook, counts, sums, linkage=linkage, block_size=block_size, progress=progress)
+    return hierarchy, build_layers(hierarchy, bits, cut=cut, num_layers=num_layers)
+
+
+def build_nested(
+    codebook: Tensor,
+    counts: Tensor | None = None,
+    sums: Tensor | None = None,
+    bits: BitProposal = (4, 2, 2, 2, 2),
+    *,
+    num_layers: int | None = None,
+    iters: int = 10,
+    linkage: str = "ward",
+    block_size: int | None = None,
+    progress: bool = False,
+    unconstrained: Hierarchy | None = None,
+) -> tuple[Hierarchy, LayerTables]:
+    """Hierarchy and layer tables whose listed layers are Lloyd-optimised nested cells.
+
+    Args:
+        codebook: ``[K, D]`` float codewords.
+        counts, sums: per-code statistics (see :func:`~svq_modules.hierarchy.code_statistics`);
+            without them every codeword weighs 1 and stands for its data.
+        bits: bit proposal (see :func:`~svq_modules.layers.resolve_bits`),
+            resolved on the plain Ward tree; a final layer reaching every
+            codeword is always added.
+        num_layers: total layers L (final layer included) for non-list proposals.
+        iters: Lloyd iterations per refinement (an int >= 0; 0 keeps the greedy cut's cells).
+        linkage, block_size, progress: as for :func:`~svq_modules.hierarchy.build_hierarchy`.
+        unconstrained: the plain tree of the same inputs, if already built.
+
+    Returns:
+        ``(hierarchy, tables)`` on the codebook's device: layer ``l`` of the
+        tables holds the nested cells of layer ``l``; decoding all layers gives
+        the exact codewords.
+    """
+    bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=False)
+    iters = check_int(iters, "iters", min=0)
+    tree = unconstrained
+    if tree is None:
+        tree = build_hierarchy(codebook, counts, sums, linkage=linkage, block_size=block_size, progress=progress)
+    widths = resolve_bits(bits, tree, num_layers)
+    greedy = build_layers(tree, widths)
+    if tree.num_leaves < 3 or iters == 0:
+        return tree, greedy
+    points, weights = _leaf_points(tree, counts, sums)
+    points = points - points.mean(0, keepdim=True)  # precision of the expanded distances
+    labels = nested_cells(points, weights, list(greedy.leaf_node[: len(widths)]), widths, iters=iters,
+                          block_size=block_size)
+    built = build_constrained_hierarchy(
+        codebook, counts, sums, torch.stack(labels), linkage=linkage, block_size=block_size, progress=progress
+    )
+    tables = build_layers(built.hierarchy, widths, node_level=built.node_level, constrained_layers=len(widths))
+    return built.hierarchy, tables
+
+
+def nested_cells(
+    points: Tensor,
+    weights: Tensor,
+    start: list[Tensor],
+    widths: list[int],
+    *,
+    iters: int = 10,
+    block_size: int | None = None,
+) -> list[Tensor]:
+    """Nested cells of every listed layer, top-down (steps 2 of the module docstring).
+
+    Args:
+        points: ``[K, D]`` float codeword data means.
+        weights: ``[K]`` float >= 0 data counts.
+        start: per listed layer, ``[K]`` int64 nested starting cells (the
+            greedy cut of the Ward tree); also the reference errors.
+        widths: bits of each listed layer.
+        iters: Lloyd iterations per refinement.
+        block_size: distance block elements.
+
+    Returns:
+        Per listed layer, ``[K]`` int64 cell labels; layer l's cells are
+        unions of layer l+1's, and each holds at most ``2**widths[l+1]`` of them.
+    """
+    num_listed = len(widths)
+    reference = [cell_error(points, weights, cells) for cells in start]
+    parent = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    current, finer = start[0], (start[1] if num_listed > 1 else None)
+    out: list[Tensor] = []
+    for layer in range(num_listed):
+        if finer is None:  # the last listed layer: on its own
+            out.append(lloyd_within(current, parent, points, weights, iters))
+            break
+        lam = _level_weights(points, weights, current, finer)
+        joint = joint_lloyd(parent, current, finer, points, weights, lam, iters)
+        alone = lloyd_within(current, parent, points, weights, iters)
+        units = start[layer + 2] if layer + 2 < num_listed else None
+        split = _ward_split(points, weights, alone, units, widths[layer + 1], block_size)
+        sequential = (alone, lloyd_within(split, alone, points, weights, iters))
+        pair = min(
+            (joint, sequential),
+            key=lambda cand: max(
+                cell_error(points, weights, cand[i]) / max(reference[layer + i], 1e-30) for i in (0, 1)
+            ),
+        )
+        out.append(pair[0])
+        parent, current = pair[0], pair[1]
+        if layer + 2 < num_listed:
+            units = start[layer + 3] if layer + 3 < num_listed else None
+            finer = _ward_split(points, weights, current, units, widths[layer + 2], block_size)
+        else:
+            finer = None
+    return out
+
+
+def _level_weights(points: Tensor, weights: Tensor, coarse: Tensor, fine: Tensor) -> tuple[float, float]:
+    """Weights making both levels' relative errors count alike in :func:`~svq_modules.lloyd.joint_lloyd`."""
+    coarse_error = cell_error(points, weights, coarse)
+    fine_error = cell_error(points, weights, fine)
+    if coarse_error <= 0:
+        return 1.0, 1.0
+    return 1.0, coarse_error / max(fine_error, coarse_error / _MAX_LEVEL_WEIGHT)
+
+
+def _ward_split(
+    points: Tensor, weights: Tensor, cells: Tensor, units: Tensor | None, bits: int, block_size: int | None
+) -> Tensor:
+    """Cut every cell into at most ``2**bits`` cells by Ward agglomeration.
+
+    The items merged are *units*: the codewords of one cell that share a label
+    of ``units [K]`` (finer cells of the Ward tree), or single codewords
+    (``units=None``). Returns ``[K]`` int64 labels nested in ``cells``.
+    """
+    num_codes = points.shape[0]
+    finer = torch.arange(num_codes, device=points.device) if units is None else units
+    _, cell = torch.unique(cells, return_inverse=True)
+    _, unit = torch.unique(cell * (int(finer.max()) + 1) + finer, return_inverse=True)
+    num_units = int(unit.max()) + 1
+    mass = torch.zeros(num_units, dtype=points.dtype, device=points.device).index_add_(0, unit, weights)
+    total = torch.zeros(num_units, points.shape[1], dtype=points.dtype, device=points.device)
+    plain = torch.zeros_like(total).index_add_(0, unit, points)
+    total.index_add_(0, unit, points * weights[:, None])
+    members = torch.bincount(unit, minlength=num_units).to(points.dtype)
+    centers = torch.where((mass > 0)[:, None], total / mass.clamp_min(1e-30)[:, None], plain / members[:, None])
+    unit_cell = torch.zeros(num_units, dtype=torch.long, device=points.device).scatter_(0, unit, cell)
+    clusters = ward_clusters(centers, mass, unit_cell, 1 << min(bits, 62), block_size=block_size)
+    return clusters[unit]
+
+
+def _leaf_points(tree: Hierarchy, counts: Tensor | None, sums: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(points [K, D], weights [K])``: data means (codewords where no data) and data counts (1 without counts)."""
+    num_codes = tree.num_leaves
+    points = tree.center[:num_codes].clone()
+    if counts is None:
+        return points, torch.ones(num_codes, dtype=points.dtype, device=points.device)
+    weights = tree.count[:num_codes].to(points.dtype)
+    if sums is not None:
+        has_data = weights > 0
+        points[has_data] = sums.to(points)[has_data] / weights[has_data, None]
+    return points, weights
