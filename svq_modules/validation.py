@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -13,6 +14,7 @@ __all__ = [
     "MAX_LAYER_BITS",
     "BitProposal",
     "check_int",
+    "check_bool",
     "check_finite",
     "check_codebook",
     "check_indices",
@@ -42,6 +44,18 @@ def check_int(value: Any, name: str, *, min: int | None = None, max: int | None 
     if (min is not None and out < min) or (max is not None and out > max):
         raise ValueError(f"{name} must be {_int_range(min, max)}, got {out}")
     return out
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """The one switch check: ``value`` as a Python bool.
+
+    Accepts ``True`` / ``False`` (and NumPy bools), never ints, strings or None, whose
+    truth value would silently pick a side (``bool("no")`` is True). Raises
+    ``ValueError`` naming the argument and the value.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+    return bool(value)
 
 
 def _int_range(lo: int | None, hi: int | None) -> str:

@@ -283,6 +283,14 @@ def test_bad_ints(blobs, name, call):
     assert "int" in msg
 
 
+@pytest.mark.parametrize("name", ["progress", "refine"])
+def test_switches_given_as_strings(blobs, name):
+    """``refine="no"`` used to refine (a non-empty string is true): switches take True or False only."""
+    x, q, cb = blobs
+    msg = one_line_error(name, encode_layers, x, q, cb, [2, 2], **{name: "no"})
+    assert "must be a bool" in msg and "'no'" in msg
+
+
 def test_transcode_block_size_zero(blobs):
     x, q, cb = blobs
     layers = encode_layers(x, q, cb, [2, 2])

@@ -266,6 +266,16 @@ def test_bad_constructor_numbers():
             ScalableVQ(dim, k, bits=[2, 1])
 
 
+@pytest.mark.parametrize("name", ["channel_first", "learnable_codebook", "kmeans_init", "ema_update", "refine",
+                                  "sync_distributed", "relocate_codes"])
+def test_switches_given_as_strings_or_ints(name):
+    """``channel_first="no"`` used to mean True (``bool("no")``): every switch takes True or False only."""
+    for value in ("no", 0, None):
+        with pytest.raises(ValueError, match=f"^{name} must be a bool \\(True or False\\), got {value!r}$"):
+            ScalableVQ(3, 16, bits=[2, 1], **{name: value})
+    assert ScalableVQ(3, 16, bits=[2, 1], channel_first=np.bool_(True)).channel_first is True
+
+
 def test_array_input_to_forward_or_encode():
     vq = _built()
     with pytest.raises(ValueError, match=r"torch.as_tensor"):

@@ -268,6 +268,19 @@ def test_one_rd_table_formatter_for_other_columns():
         format_rd_table([])
 
 
+def test_callback_switches_and_paths_of_the_wrong_type(tmp_path):
+    """``plot: maybe`` / ``on_checkpoint: 'no'`` used to count as true, ``output_dir: 3`` wrote into ./3."""
+    assert _error(tmp_path, "callbacks.rate_distortion.plot=maybe") == (
+        "callbacks.rate_distortion.plot must be a bool (True or False), got 'maybe'")
+    assert _error(tmp_path, "callbacks.hierarchy_update.on_checkpoint='no'") == (
+        "callbacks.hierarchy_update.on_checkpoint must be a bool (True or False), got 'no'")
+    message = _error(tmp_path, "callbacks.rate_distortion.output_dir=3")
+    assert message.startswith("callbacks.rate_distortion.output_dir must be a folder path"), message
+    with pytest.raises(ValueError, match="^quantizer must be a str or None, got 3$"):
+        RateDistortionCallback(quantizer=3)
+    assert RateDistortionCallback(output_dir=tmp_path).output_dir == str(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------
 # (c) checkpoints of your own LightningModule
 # ----------------------------------------------------------------------------------------

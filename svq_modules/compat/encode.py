@@ -18,7 +18,7 @@ from torch import Tensor
 from ..hierarchy import Hierarchy, build_hierarchy, code_statistics
 from ..layers import LayerTables, symbol_bits
 from ..refine import build_refined
-from ..validation import check_int
+from ..validation import check_bool, check_int
 from .bits import NBitsProposal, resolve_tables
 from .inputs import check_inputs
 from .records import EncodedLayers, Layer
@@ -86,6 +86,7 @@ def encode_scalable(
     Same arguments as :func:`encode_layers`. Returns
     :class:`~svq_modules.compat.records.EncodedLayers` ``(layers, hierarchy, tables)``.
     """
+    progress, refine = check_bool(progress, "progress"), check_bool(refine, "refine")
     data, indices, codebook = check_inputs(data, quantized_data, cluster_centers)
     limit = None if n_bit_limit is None else check_int(n_bit_limit, "n_bit_limit", min=1)
     if data is not None:

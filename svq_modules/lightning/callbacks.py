@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from ..coding.tables import fingerprint_tensors
-from ..validation import check_int
+from ..validation import check_bool, check_int
 from .protocol import quantizer_modules, refresh_hierarchy_in_checkpoint
 from .rate_distortion import CodeHistogram, RateDistortionCallback
 from .table import format_rd_table
@@ -82,9 +82,9 @@ class HierarchyUpdateCallback(Callback):
             raise ValueError(f"check_ranks must be 'raise', 'warn' or 'off', got {check_ranks!r}")
         if progress not in (True, False, "auto"):
             raise ValueError(f"progress must be True, False or 'auto', got {progress!r}")
-        self.on_validation = bool(on_validation)
-        self.on_checkpoint = bool(on_checkpoint)
-        self.on_fit_end_ = bool(on_fit_end)
+        self.on_validation = check_bool(on_validation, "on_validation")
+        self.on_checkpoint = check_bool(on_checkpoint, "on_checkpoint")
+        self.on_fit_end_ = check_bool(on_fit_end, "on_fit_end")
         self.progress = progress
         self.progress_min_codes = check_int(progress_min_codes, "progress_min_codes", min=1)
         self.check_ranks = check_ranks

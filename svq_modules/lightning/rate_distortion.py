@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torchmetrics.regression import MeanSquaredError
 from ..coding.container import atomic_write
 from ..nn import ScalableVQ
 from ..plotting import plot_rate_distortion
-from ..validation import check_int
+from ..validation import check_bool, check_int
 from .protocol import as_rd_outputs, find_quantizer
 from .table import format_rd_table
 
@@ -129,12 +130,17 @@ class RateDistortionCallback(Callback):
     def __init__(self, output_dir: str | None = None, plot: bool = True, strip: bool = True,
                  strip_index: int | None = None, every_n_epochs: int = 1, prefix: str = "rd",
                  quantizer: str | None = None):
-        self.output_dir = None if output_dir is None else str(output_dir)
-        self.plot = bool(plot)
-        self.strip = bool(strip)
+        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+            raise ValueError(f"output_dir must be a folder path (str or os.PathLike) or None, got {output_dir!r}")
+        for name, value in (("prefix", prefix), ("quantizer", quantizer)):
+            if not (isinstance(value, str) or (value is None and name == "quantizer")):
+                raise ValueError(f"{name} must be a str{' or None' if name == 'quantizer' else ''}, got {value!r}")
+        self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        self.plot = check_bool(plot, "plot")
+        self.strip = check_bool(strip, "strip")
         self.strip_index = None if strip_index is None else check_int(strip_index, "strip_index", min=0)
         self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", min=1)
-        self.prefix = str(prefix)
+        self.prefix = prefix
         self.quantizer = quantizer
         self.history: list[dict[str, Any]] = []
         self._metrics: dict[str, Any] | None = None

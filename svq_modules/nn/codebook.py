@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import distributed as svq_dist
 from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
-from ..validation import check_int
+from ..validation import check_bool, check_int
 
 __all__ = ["EMACodebook", "DEAD_CODE_SAMPLINGS", "kmeans_plus_plus"]
 
@@ -201,14 +201,14 @@ class EMACodebook(nn.Module):
             raise ValueError(f"dead_code_sampling must be one of {DEAD_CODE_SAMPLINGS}, got {dead_code_sampling!r}")
         self.decay = float(decay)
         self.eps = float(eps)
-        self.kmeans_init = bool(kmeans_init)
+        self.kmeans_init = check_bool(kmeans_init, "kmeans_init")
         self.kmeans_iters = check_int(kmeans_iters, "kmeans_iters", min=0)
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
-        self.learnable = bool(learnable)
-        self.ema_update = bool(ema_update)
-        self.sync_distributed = bool(sync_distributed)
+        self.learnable = check_bool(learnable, "learnable")
+        self.ema_update = check_bool(ema_update, "ema_update")
+        self.sync_distributed = check_bool(sync_distributed, "sync_distributed")
         self.dead_code_sampling = dead_code_sampling
-        self.relocate_codes = bool(relocate_codes)
+        self.relocate_codes = check_bool(relocate_codes, "relocate_codes")
         self.relocate_every = check_int(relocate_every, "relocate_every", min=1)
         self.chunk_elements = check_int(chunk_elements, "chunk_elements", min=1)
 

@@ -20,7 +20,7 @@ from .. import distributed as svq_dist
 from ..hierarchy import LINKAGES, Hierarchy, build_hierarchy
 from ..layers import CUTS, LayerRates, LayerTables, build_layers, decode_codes, encode_indices, layer_rates, reconstruct
 from ..refine import build_refined
-from ..validation import BitProposal, check_bit_proposal, check_int
+from ..validation import BitProposal, check_bit_proposal, check_bool, check_int
 
 __all__ = ["ScalableIndex", "TREE_FIELDS", "LAYER_FIELDS"]
 
@@ -97,7 +97,7 @@ class ScalableIndex(nn.Module):
             raise ValueError(f"cut must be one of {CUTS}, got {cut!r}")
         self.linkage = linkage
         self.cut = cut
-        self.refine = bool(refine)
+        self.refine = check_bool(refine, "refine")
         self.block_size = None if block_size is None else check_int(block_size, "block_size", min=1)
         k, m = self.num_codes, 2 * self.num_codes - 1
         sizes = {"M": m, "K": k, "K-1": k - 1, "D": self.dim, "L": self._num_layers, "2": 2}

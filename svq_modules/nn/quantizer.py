@@ -66,7 +66,7 @@ from ..coding import CODINGS, BitstreamError, compress_layers, decompress_layers
 from ..hierarchy import Hierarchy, code_statistics
 from ..layers import LayerRates, LayerTables
 from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
-from ..validation import BitProposal, check_bit_proposal, check_finite, check_indices, check_int, check_vectors
+from ..validation import BitProposal, check_bit_proposal, check_bool, check_finite, check_indices, check_int, check_vectors
 from .codebook import EMACodebook
 from .index import ScalableIndex
 
@@ -296,8 +296,8 @@ class ScalableVQ(nn.Module):
                 0.0 <= commitment_weight < float("inf")):  # fmt: skip
             raise ValueError(f"commitment_weight must be a finite float >= 0, got {commitment_weight!r}")
         self.commitment_weight = float(commitment_weight)
-        self.learnable_codebook = bool(learnable_codebook)
-        self.channel_first = bool(channel_first)
+        self.learnable_codebook = check_bool(learnable_codebook, "learnable_codebook")
+        self.channel_first = check_bool(channel_first, "channel_first")
         self.learner = EMACodebook(
             self.codebook_size, self.dim, decay=decay, eps=eps, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
             threshold_ema_dead_code=threshold_ema_dead_code, learnable=self.learnable_codebook,
@@ -463,9 +463,7 @@ class ScalableVQ(nn.Module):
         Returns:
             whether the tables were (re)built.
         """
-        for name, value in (("force", force), ("progress", progress)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be a bool, got {value!r}")
+        force, progress = check_bool(force, "force"), check_bool(progress, "progress")
         needed = force or not self.is_built or self.is_stale
         if self._sync():
             needed = svq_dist.any_rank(needed, device=self.codebook.device)
@@ -680,8 +678,7 @@ class ScalableVQ(nn.Module):
         if codebook.dim() != 2 or 0 in codebook.shape:
             raise ValueError(f"codebook must be [K, D] with K, D >= 1, got shape {list(codebook.shape)}")
         check_finite(codebook, "codebook")
-        if not isinstance(build, bool):
-            raise ValueError(f"build must be a bool, got {build!r}")
+        check_bool(build, "build")
         k, d = codebook.shape
         module = cls(d, k, bits, **kwargs).to(device=codebook.device, dtype=codebook.dtype)
         counts, sums = _wrapped_statistics(codebook, x, indices, counts, sums, module.learner)
