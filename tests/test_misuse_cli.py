@@ -302,6 +302,22 @@ def test_model_is_not_a_model_file(work, capsys, kind):
     fails(capsys, work, "compress", "data.npy", "-o", "x.svq", "--model", "bad.pt", says=("--model bad.pt", "model"))
 
 
+def test_model_is_a_lightning_checkpoint_of_train_py(work, capsys):
+    """``--model last.ckpt`` of ``train.py model=vectors``: its ScalableVQ codes the array, as extract_quantizer gives it."""
+    from svq_modules.lightning import extract_quantizer
+
+    golden = DATA / "golden_vectors_v1.ckpt"  # ScalableVQVectors of the previous main, D=3, K=16
+    assert main(["compress", "data.npy", "-o", "g.svq", "--model", str(golden), "-q"]) == 0
+    assert main(["decompress", "g.svq", "-o", "g.npy", "--model", str(golden), "-q"]) == 0
+    x = torch.from_numpy(np.load(work / "data.npy"))
+    q = extract_quantizer(golden)
+    assert torch.equal(torch.from_numpy(np.load(work / "g.npy")), q.codebook[q.quantize(x)])
+    empty = {"state_dict": {"net.weight": torch.zeros(2, 2)}, "pytorch-lightning_version": "2.5.0", "epoch": 0}
+    torch.save(empty, work / "empty.ckpt")  # a Lightning checkpoint without a ScalableVQ
+    fails(capsys, work, "compress", "data.npy", "-o", "x.svq", "--model", "empty.ckpt",
+          says=("--model empty.ckpt", "holds no ScalableVQ"))  # fmt: skip
+
+
 def test_model_of_another_dimension(work, capsys):
     np.save(work / "d4.npy", np.zeros((50, 4), np.float32))
     fails(capsys, work, "compress", "d4.npy", "-o", "x.svq", "--model", "model.pt", says=("--model model.pt", "D=3", "D=4"))

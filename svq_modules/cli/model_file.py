@@ -3,7 +3,9 @@
 A model file is ``torch.save({"format": MODEL_FORMAT, "version": MODEL_VERSION,
 "config": {...}, "state_dict": {...}})``; a plain ``ScalableVQ.state_dict()``
 saved with ``torch.save`` loads too (the flat key layout of the first version and
-whatever key layout :class:`~svq_modules.nn.ScalableVQ` writes today).
+whatever key layout :class:`~svq_modules.nn.ScalableVQ` writes today), and so does a
+Lightning checkpoint holding one ScalableVQ (``train.py``'s, through
+:func:`svq_modules.lightning.extract_quantizer`).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def _config_of_state_dict(obj: Any) -> dict[str, Any] | None:
 
 
 def model_from_bytes(data: bytes, what: str = "model") -> Any:
-    """Inverse of :func:`model_to_bytes`; also accepts a plain ``ScalableVQ.state_dict()`` (old or new key layout).
+    """Inverse of :func:`model_to_bytes`; also accepts a plain ``ScalableVQ.state_dict()`` (old or new key layout)
+    and a Lightning checkpoint holding one ScalableVQ.
 
     Returns:
         A built ScalableVQ in eval mode, on the CPU.
@@ -112,10 +115,13 @@ def model_from_bytes(data: bytes, what: str = "model") -> Any:
         config, state = obj.get("config"), obj.get("state_dict")
         if not isinstance(config, dict) or not isinstance(state, dict):
             raise CLIError(f"{what}: model file without its config or state_dict")
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "pytorch-lightning_version" in obj:
+        return _quantizer_of_checkpoint(obj, what)
     else:
         config, state = _config_of_state_dict(obj), obj
         if config is None:
-            raise CLIError(f"{what}: not a ScalableVQ model file (expected {MODEL_FORMAT!r} or a ScalableVQ state_dict)")
+            raise CLIError(f"{what}: not a ScalableVQ model file (expected {MODEL_FORMAT!r}, a ScalableVQ state_dict "
+                           f"or a Lightning checkpoint holding one)")
     try:
         vq = ScalableVQ(config["dim"], config["codebook_size"], list(config["bits"]), num_layers=config["num_layers"])
         vq.load_state_dict(state)
@@ -125,6 +131,17 @@ def model_from_bytes(data: bytes, what: str = "model") -> Any:
     if not vq.is_built:
         raise CLIError(f"{what}: the model has no hierarchy yet (call update() before saving it)")
     return vq
+
+
+def _quantizer_of_checkpoint(ckpt: dict, what: str) -> Any:
+    """The built ScalableVQ inside a Lightning checkpoint (``train.py``'s, or one of any module holding one)."""
+    from ..lightning.checkpoints import extract_quantizer
+
+    try:
+        vq = extract_quantizer(ckpt)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CLIError(f"{what}: cannot take the quantizer of this Lightning checkpoint ({one_line(e)})") from None
+    return vq.float().cpu().eval()
 
 
 def load_model(path: str | Path, what: str | None = None) -> Any:

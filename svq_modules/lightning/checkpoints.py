@@ -188,18 +188,19 @@ def extract_quantizer(ckpt_path: str | os.PathLike | Mapping[str, Any], map_loca
     Raises:
         ValueError: no ScalableVQ state in the checkpoint, or several and no ``name``.
     """
+    source = "the checkpoint" if isinstance(ckpt_path, Mapping) else str(ckpt_path)  # never print a whole dict
     ckpt = ckpt_path if isinstance(ckpt_path, Mapping) else _read(ckpt_path, map_location)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):
-        raise ValueError(f"{ckpt_path}: neither a checkpoint nor a state_dict")
+        raise ValueError(f"{source}: neither a checkpoint nor a state_dict")
     found = quantizer_prefixes(state)
     names = {p[:-1] if p else "": p for p in found}
     if not found:
-        raise ValueError(f"{ckpt_path}: holds no ScalableVQ state (no '<module>.codebook' with layer tables)")
+        raise ValueError(f"{source}: holds no ScalableVQ state (no '<module>.codebook' with layer tables)")
     if name is None and len(found) > 1:
-        raise ValueError(f"{ckpt_path}: holds several ScalableVQ states {sorted(names)}; pick one with name=")
+        raise ValueError(f"{source}: holds several ScalableVQ states {sorted(names)}; pick one with name=")
     if name is not None and name not in names:
-        raise ValueError(f"{ckpt_path}: no ScalableVQ named {name!r}; it holds {sorted(names)}")
+        raise ValueError(f"{source}: no ScalableVQ named {name!r}; it holds {sorted(names)}")
     prefix = names[name] if name is not None else next(iter(found))
     cls = module_class(ckpt) if not kwargs and isinstance(ckpt.get("hyper_parameters"), Mapping) else None
     if cls in _KNOWN.values() and not isinstance(ckpt_path, Mapping):
