@@ -6,36 +6,7 @@ documented path). ``build_layers`` here is the seed's cluster tree; the core
 ``svq_modules.build_layers`` (layer tables) is a different function.
 """
 
-from .functional import (
-    ClusterTree,
-    DecodingContext,
-    EncodedLayers,
-    Layer,
-    NBitsProposal,
-    build_layers,
-    decode_layer,
-    decode_layers,
-    encode_known_layers,
-    encode_layers,
-    encode_scalable,
-    layer_codebook,
-    transcode,
-    visualize_layers,
-)
+from . import functional
+from .functional import *  # noqa: F403  (the same names, listed once in functional.__all__)
 
-__all__ = [
-    "Layer",
-    "DecodingContext",
-    "EncodedLayers",
-    "ClusterTree",
-    "NBitsProposal",
-    "encode_layers",
-    "encode_scalable",
-    "decode_layer",
-    "decode_layers",
-    "encode_known_layers",
-    "transcode",
-    "layer_codebook",
-    "build_layers",
-    "visualize_layers",
-]
+__all__ = list(functional.__all__)

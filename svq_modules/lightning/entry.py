@@ -241,13 +241,18 @@ def check_resume(value: Any, model: L.LightningModule) -> Path | None:
     return path
 
 
+def _start(cfg: DictConfig) -> L.LightningDataModule:
+    """After the config checks, common to both jobs: quiet warnings, seed, the (not yet set up) datamodule."""
+    quiet_warnings()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return build_datamodule(cfg.data)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; returns the final layer's RD figures (rank 0) or ``{}``."""
     t0 = time.perf_counter()
     spec = check_train_config(cfg)
-    quiet_warnings()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg.data)
+    datamodule = _start(cfg)
     model = build_model(cfg, datamodule, spec)
     trainer = build_trainer(cfg, instantiate_list(cfg.get("callbacks"), "callbacks"))
     resume = check_resume(cfg.get("ckpt_path"), model)
@@ -328,9 +333,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """One validation pass of a checkpoint with the RD callback; returns the final layer's figures."""
     t0 = time.perf_counter()
     ckpt = check_eval_config(cfg)
-    quiet_warnings()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg.data)
+    datamodule = _start(cfg)
     model = eval_model(cfg, ckpt, datamodule)
     rd = RateDistortionCallback(output_dir=cfg.paths.output_dir)
     trainer = build_trainer(cfg, [HierarchyUpdateCallback(on_checkpoint=False, on_fit_end=False), rd])
