@@ -318,6 +318,20 @@ def test_model_is_a_lightning_checkpoint_of_train_py(work, capsys):
           says=("--model empty.ckpt", "holds no ScalableVQ"))  # fmt: skip
 
 
+def test_model_saved_after_its_codebook_moved(work, capsys):
+    """A state_dict saved after more training but before update(): the last layer still decodes to the codewords."""
+    x = torch.from_numpy(np.load(work / "data.npy"))
+    vq = load_model(work / "model.pt")
+    vq.train()
+    vq(x + 0.5)  # an EMA step: the codebook moves, the tables stay
+    vq.eval()
+    assert vq.is_stale
+    torch.save(vq.state_dict(), work / "stale.pt")
+    assert main(["compress", "data.npy", "-o", "s.svq", "--model", "stale.pt", "-q"]) == 0
+    assert main(["decompress", "s.svq", "-o", "s.npy", "--model", "stale.pt", "-q"]) == 0
+    assert torch.equal(torch.from_numpy(np.load(work / "s.npy")), vq.codebook[vq.quantize(x)])
+
+
 def test_model_of_another_dimension(work, capsys):
     np.save(work / "d4.npy", np.zeros((50, 4), np.float32))
     fails(capsys, work, "compress", "d4.npy", "-o", "x.svq", "--model", "model.pt", says=("--model model.pt", "D=3", "D=4"))

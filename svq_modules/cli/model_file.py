@@ -128,8 +128,22 @@ def model_from_bytes(data: bytes, what: str = "model") -> Any:
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CLIError(f"{what}: cannot load the model ({one_line(e)})") from None
     vq.eval()
-    if not vq.is_built:
+    if not vq.is_built:  # not update()'s case: the layer widths of a never-built state are unknown
         raise CLIError(f"{what}: the model has no hierarchy yet (call update() before saving it)")
+    return _fresh(vq, what)
+
+
+def _fresh(vq: Any, what: str) -> Any:
+    """``vq`` after ``update()``: a model saved after its codebook moved gets tables of that codebook.
+
+    Encoder and decoder both load the file through here, so both rebuild the same
+    tables; coding with the stale ones would decode to the old leaf centers, not
+    to the codewords the data was quantized to.
+    """
+    try:
+        vq.update()
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"{what}: cannot build the model's hierarchy ({one_line(e)})") from None
     return vq
 
 
@@ -141,7 +155,7 @@ def _quantizer_of_checkpoint(ckpt: dict, what: str) -> Any:
         vq = extract_quantizer(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CLIError(f"{what}: cannot take the quantizer of this Lightning checkpoint ({one_line(e)})") from None
-    return vq.float().cpu().eval()
+    return _fresh(vq.float().cpu().eval(), what)
 
 
 def load_model(path: str | Path, what: str | None = None) -> Any:
