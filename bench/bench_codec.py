@@ -1,0 +1,518 @@
+#!/usr/bin/env python
+"""The default image model as a codec, on whole held-out images, against JPEG, WebP and learned peers.
+
+    python bench/bench_codec.py                          # trains what is missing (cached in bench/.cache/codec)
+    python bench/bench_codec.py --ckpt outputs/train/<run>/checkpoints/last.ckpt
+    python bench/bench_codec.py --steps 800 --lambdas 0.0035,0.013,0.0483
+
+Images (never trained on): matplotlib's bundled photo ``grace_hopper.jpg`` and the
+held-out right 20% of scikit-learn's ``china.jpg`` and ``flower.jpg`` (the columns the
+default run validates on; it trains on the left 80%). matplotlib's other bundled
+images are a logo and a transparent clip-art icon, not photos: left out.
+
+Rows, all with bpp from real bytes (a file of the whole image, headers included)
+unless said otherwise:
+
+* ours: the default run's checkpoint (``python train.py``) at every layer, through the
+  image-file path of ``svq_modules.cli.images`` (file cut after each layer);
+* flat VQ at 4 / 6 / 8 bits: the same run with ``codebook_size=2**b`` (full depth only);
+* ResidualVQ (vector-quantize-pytorch, 16 codes x 3 stages, ``quantize_dropout=True``)
+  in the same autoencoder, same data, batch and steps; its rate is the ideal code
+  length of each stage's indices under static probabilities counted on training crops
+  (no header);
+* CompressAI ``bmshj2018-factorized`` trained on the same crops, batch and steps at
+  several lambdas (``lambda * 255**2 * MSE + bpp``), real bytes of ``compress()``;
+* JPEG and WebP (Pillow) quality sweeps.
+
+Averages are over the images (mean bpp, mean PSNR per setting). BD-rate: cubic fit of
+log-rate against PSNR for both curves, the mean log-rate difference over the PSNR range
+both cover (negative = ours needs fewer bits). MS-SSIM uses 4 scales (the 128-pixel
+wide held-out strips are too narrow for 5). Trained peers are cached under
+``bench/.cache/codec`` keyed by steps and a hash of the model/data configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import CACHE_DIR, REPO_ROOT, markdown_table, write_report
+
+CODEC_CACHE = CACHE_DIR / "codec"
+RD_PNG = REPO_ROOT / "docs" / "images" / "codec_rd.png"
+JPEG_QUALITIES = (1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90)
+WEBP_QUALITIES = (0, 2, 5, 10, 20, 30, 40, 50, 60, 75, 90)
+FLAT_BITS = (4, 6, 8)
+MSSSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363)  # the first 4 scales of Wang et al.'s weights
+#: settings of the peers' training that are not the reference model's coarse-layer option (the cache key)
+DATA_CONFIGS = ("configs/data/default_images.yaml", "configs/trainer/default.yaml", "configs/model/quantizer/default.yaml")
+MODEL_CONFIG = "configs/model/autoencoder.yaml"
+
+Points = list[tuple[int, np.ndarray]]  # (bytes, decoded [H, W, 3] uint8) per rate point
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def heldout_images() -> dict[str, np.ndarray]:
+    """Whole evaluation images, ``[H, W, 3]`` uint8: grace_hopper and the held-out 20% of the training photos."""
+    import matplotlib.cbook
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as im:
+        images = {"grace_hopper": np.asarray(im.convert("RGB"), dtype=np.uint8).copy()}
+    for name in ("china", "flower"):
+        img = load_sample_image(f"{name}.jpg")
+        width = img.shape[1]
+        images[f"{name} (right 20%)"] = np.ascontiguousarray(img[:, width - int(round(width * 0.2)):])
+    return images
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255.0
+
+    return float(msssim(t(a), t(b), data_range=1.0, betas=MSSSIM_BETAS))
+
+
+# ------------------------------------------------------------------------------------------------ codecs
+
+
+def pillow_codec(fmt: str, qualities: tuple[int, ...]) -> Callable[[np.ndarray], Points]:
+    from PIL import Image
+
+    def run(pixels: np.ndarray) -> Points:
+        out = []
+        for q in qualities:
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format=fmt, quality=q)
+            data = buf.getvalue()
+            with Image.open(io.BytesIO(data)) as im:
+                out.append((len(data), np.asarray(im.convert("RGB"), dtype=np.uint8).copy()))
+        return out
+
+    return run
+
+
+def ours_codec(ckpt: Path, last_only: bool = False) -> Callable[[np.ndarray], Points]:
+    """Every layer of the checkpoint's image file (``svq_modules.cli.images``), the file cut after each layer."""
+    from svq_modules.cli.images import decode_image, encode_image, load_autoencoder
+    from svq_modules.coding import compress_layers, decompress_layers
+    from svq_modules.coding.image_file import pack_image_file, unpack_image_file
+
+    model = load_autoencoder(ckpt, str(ckpt))
+    q = model.quantizer
+
+    def run(pixels: np.ndarray) -> Points:
+        header, indices = encode_image(model, pixels)
+        f = unpack_image_file(pack_image_file(header, compress_layers(q.hierarchy, q.tables, indices)))
+        layers = [f.num_layers] if last_only else range(1, f.num_layers + 1)
+        return [(int(f.layer_end[n - 1]), decode_image(model, f.header, decompress_layers(q.hierarchy, q.tables,
+                                                                                           f.chunks[:n])))
+                for n in layers]
+
+    return run
+
+
+def _to_tensor(pixels: np.ndarray, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    h, w = pixels.shape[:2]
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0
+    pad = (0, -w % multiple, 0, -h % multiple)
+    return (F.pad(x, pad, mode="replicate") if any(pad) else x), (h, w)
+
+
+def _to_pixels(y: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    y = y[0, :, : size[0], : size[1]].clamp(0, 1)
+    return (y.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def config_key(steps: int, *extra: Any) -> str:
+    """Cache key: data, trainer and quantizer configs, the model's architecture and optimizer settings, steps, ``extra``.
+
+    The reference model's ``coarse_*`` settings are left out (peers are trained without them).
+    """
+    from omegaconf import OmegaConf
+
+    h = hashlib.sha256()
+    for name in DATA_CONFIGS:
+        h.update((REPO_ROOT / name).read_bytes())
+    model = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / MODEL_CONFIG))
+    model = {k: v for k, v in model.items() if not str(k).startswith("coarse_")}
+    h.update(json.dumps([model, steps, *extra], sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+def default_steps() -> int:
+    """Optimizer steps of ``python train.py`` (max_epochs x crops per epoch / batch)."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(REPO_ROOT / "configs/data/default_images.yaml")
+    trainer = OmegaConf.load(REPO_ROOT / "configs/trainer/default.yaml")
+    if int(trainer.max_steps) > 0:
+        return int(trainer.max_steps)
+    return int(trainer.max_epochs) * (int(data.train_crops_per_epoch) // int(data.batch_size))
+
+
+def train_run(name: str, steps: int, overrides: list[str]) -> Path:
+    """``python train.py <overrides>`` for ``steps`` optimizer steps, cached; returns the last checkpoint."""
+    extra = [overrides] if overrides else [(REPO_ROOT / MODEL_CONFIG).read_text()]  # the default run: every setting
+    run_dir = CODEC_CACHE / f"{name}_{config_key(steps, *extra)}"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.exists():
+        return ckpt
+    steps_args = [] if steps == default_steps() else [f"trainer.max_steps={steps}", "trainer.max_epochs=-1"]
+    cmd = [sys.executable, "train.py", *overrides, *steps_args, "final_rd=false", "trainer.enable_progress_bar=false",
+           f"hydra.run.dir={run_dir}"]
+    print(f"[train] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+    return ckpt
+
+
+def train_loader() -> Any:
+    """The default run's training loader (same crops, batch size and seed)."""
+    from omegaconf import OmegaConf
+
+    from svq_modules.lightning.data import SampleImagesDataModule
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "configs/data/default_images.yaml"))
+    cfg.pop("_target_")
+    cfg["seed"] = 0
+    dm = SampleImagesDataModule(**cfg)
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def batches(steps: int):
+    step = 0
+    while True:
+        for x in train_loader():
+            if step == steps:
+                return
+            yield step, x
+            step += 1
+
+
+def cosine(opt: torch.optim.Optimizer, steps: int, floor: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+class RVQAutoencoder(torch.nn.Module):
+    """The reference model's encoder and decoder around a ResidualVQ (16 codes x 3 stages, quantize dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        from omegaconf import OmegaConf
+        from vector_quantize_pytorch import ResidualVQ
+
+        from svq_modules.lightning import ScalableVQAutoencoder
+
+        cfg = OmegaConf.load(REPO_ROOT / "configs/model/autoencoder.yaml")
+        qcfg = OmegaConf.load(REPO_ROOT / "configs/model/quantizer/default.yaml")
+        ref = ScalableVQAutoencoder(codebook_size=16, dim=int(cfg.dim), bits=[2], channels=int(cfg.channels),
+                                    patch_size=int(cfg.patch_size), num_res_blocks=int(cfg.num_res_blocks))
+        self.lr = float(cfg.lr)
+        self.patch_size = int(cfg.patch_size)
+        self.encoder, self.decoder = ref.encoder, ref.decoder
+        self.rvq = ResidualVQ(dim=int(cfg.dim), num_quantizers=3, codebook_size=16, quantize_dropout=True,
+                              kmeans_init=True, decay=float(qcfg.decay), commitment_weight=float(qcfg.commitment_weight),
+                              threshold_ema_dead_code=int(qcfg.threshold_ema_dead_code))
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(x - 0.5)
+        return z.flatten(2).transpose(1, 2)  # [B, N, D]
+
+    def decode(self, zq: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.decoder(zq.transpose(1, 2).reshape(zq.shape[0], -1, *grid)) + 0.5
+
+    def stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Cumulative reconstructions and indices after 1, 2, 3 stages (eval)."""
+        residual = self.latents(x)
+        total, recons, codes = torch.zeros_like(residual), [], []
+        for layer in self.rvq.layers:
+            qz, idx, *_ = layer(residual)
+            residual = residual - qz
+            total = total + qz
+            recons.append(total.clone())
+            codes.append(idx)
+        return recons, codes
+
+
+def train_rvq(steps: int) -> RVQAutoencoder:
+    path = CODEC_CACHE / f"rvq_{config_key(steps, 'rvq')}.pt"
+    torch.manual_seed(0)
+    model = RVQAutoencoder()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=False)["model"])
+        model.counts = torch.load(path, weights_only=False)["counts"]
+        return model.eval()
+    print(f"[train] ResidualVQ autoencoder, {steps} steps", file=sys.stderr, flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=model.lr)
+    sched = cosine(opt, steps)
+    model.train()
+    for _, x in batches(steps):
+        z = model.latents(x)
+        zq, _, commit = model.rvq(z)
+        loss = F.mse_loss(model.decode(zq, (x.shape[2] // model.patch_size, x.shape[3] // model.patch_size)), x)
+        loss = loss + commit.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    counts = torch.ones(3, 16)  # Laplace-smoothed stage statistics on one epoch of training crops
+    with torch.no_grad():
+        for x in train_loader():
+            for s, idx in enumerate(model.stages(x)[1]):
+                counts[s] += torch.bincount(idx.flatten(), minlength=16).float()
+    model.counts = counts
+    CODEC_CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "counts": counts}, path)
+    return model
+
+
+def rvq_codec(model: RVQAutoencoder) -> Callable[[np.ndarray], Points]:
+    neg_log2 = -torch.log2(model.counts / model.counts.sum(1, keepdim=True))  # [3, 16] bits per symbol
+
+    @torch.no_grad()
+    def run(pixels: np.ndarray) -> Points:
+        x, size = _to_tensor(pixels, model.patch_size)
+        grid = (x.shape[2] // model.patch_size, x.shape[3] // model.patch_size)
+        recons, codes = model.stages(x)
+        bits = torch.cumsum(torch.stack([neg_log2[s][c].sum() for s, c in enumerate(codes)]), 0)
+        return [(int(math.ceil(float(b) / 8)), _to_pixels(model.decode(r, grid), size)) for b, r in zip(bits, recons)]
+
+    return run
+
+
+def train_compressai(steps: int, lmbda: float) -> Any:
+    from compressai.zoo import bmshj2018_factorized
+
+    path = CODEC_CACHE / f"bmshj2018_factorized_{config_key(steps, 'compressai', lmbda)}.pt"
+    torch.manual_seed(0)
+    net = bmshj2018_factorized(quality=3, pretrained=False)  # N=128, M=192
+    if path.exists():
+        net.load_state_dict(torch.load(path, weights_only=True))
+        net.update(force=True)
+        return net.eval()
+    print(f"[train] CompressAI bmshj2018-factorized, lambda={lmbda}, {steps} steps", file=sys.stderr, flush=True)
+    main = [p for n, p in net.named_parameters() if not n.endswith(".quantiles")]
+    aux = [p for n, p in net.named_parameters() if n.endswith(".quantiles")]
+    opt, aux_opt = torch.optim.Adam(main, lr=1e-3), torch.optim.Adam(aux, lr=1e-3)
+    sched = cosine(opt, steps)
+    net.train()
+    for _, x in batches(steps):
+        out = net(x)
+        num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
+        bpp = sum(torch.log(lk).sum() for lk in out["likelihoods"].values()) / (-math.log(2) * num_pixels)
+        loss = lmbda * 255**2 * F.mse_loss(out["x_hat"], x) + bpp
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(main, 1.0)
+        opt.step()
+        sched.step()
+        aux_loss = net.aux_loss()
+        aux_opt.zero_grad()
+        aux_loss.backward()
+        aux_opt.step()
+    CODEC_CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    net.update(force=True)
+    return net.eval()
+
+
+def compressai_codec(net: Any) -> Callable[[np.ndarray], Points]:
+    @torch.no_grad()
+    def run(pixels: np.ndarray) -> Points:
+        x, size = _to_tensor(pixels, 16)
+        enc = net.compress(x)
+        nbytes = sum(len(s) for strings in enc["strings"] for s in strings) + 4  # + the latent shape (2 x uint16)
+        return [(nbytes, _to_pixels(net.decompress(enc["strings"], enc["shape"])["x_hat"], size))]
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def bd_rate(ours: np.ndarray, peer: np.ndarray) -> float:
+    """Bjontegaard delta rate of ``ours`` against ``peer`` in percent (``[P, 2]`` (bpp, PSNR) points each).
+
+    Cubic (or lower, with fewer points) fit of ``log(bpp)`` as a function of PSNR for each
+    curve, integrated over the PSNR interval both cover; ``exp(mean difference) - 1``.
+    Negative: ours needs fewer bits for the same PSNR. NaN when the curves do not overlap.
+    """
+    lo = max(ours[:, 1].min(), peer[:, 1].min())
+    hi = min(ours[:, 1].max(), peer[:, 1].max())
+    if not hi > lo:
+        return math.nan
+    integrals = []
+    for pts in (ours, peer):
+        deg = min(3, len(pts) - 1)
+        poly = np.polyint(np.polyfit(pts[:, 1], np.log(pts[:, 0]), deg))
+        integrals.append((np.polyval(poly, hi) - np.polyval(poly, lo)) / (hi - lo))
+    return float((math.exp(integrals[0] - integrals[1]) - 1) * 100)
+
+
+def near(points: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The points of a sweep inside the PSNR range [lo, hi], plus one neighbour on each side."""
+    order = np.argsort(points[:, 1])
+    pts = points[order]
+    inside = np.flatnonzero((pts[:, 1] >= lo) & (pts[:, 1] <= hi))
+    if inside.size == 0:
+        return pts
+    return pts[max(inside[0] - 1, 0): inside[-1] + 2]
+
+
+def interp_psnr(points: np.ndarray, bpp: float) -> float:
+    """PSNR of a sweep at ``bpp`` (linear in log bpp between its points; NaN outside)."""
+    order = np.argsort(points[:, 0])
+    x, y = np.log(points[order, 0]), points[order, 1]
+    b = math.log(bpp)
+    return float(np.interp(b, x, y)) if x[0] <= b <= x[-1] else math.nan
+
+
+def measure(codec: Callable[[np.ndarray], Points], images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per image ``[P, 3]`` (bpp, PSNR, MS-SSIM)."""
+    out = {}
+    for name, pixels in images.items():
+        n = pixels.shape[0] * pixels.shape[1]
+        out[name] = np.array([(8 * b / n, psnr(y, pixels), ms_ssim(y, pixels)) for b, y in codec(pixels)])
+    return out
+
+
+def mean_curve(per_image: dict[str, np.ndarray]) -> np.ndarray:
+    return np.mean(np.stack(list(per_image.values())), axis=0)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def train_peer(name: str, steps: int) -> Any:
+    """Train (or load from the cache) one peer by name: ``flat<b>``, ``rvq`` or ``compressai:<lambda>``."""
+    if name.startswith("flat") and name[4:].isdigit():
+        b = int(name[4:])
+        return train_run(name, steps, [f"model.codebook_size={2**b}", f"bits=[{b // 2}]", "++model.coarse_weight=0"])
+    if name == "rvq":
+        return train_rvq(steps)
+    if name.startswith("compressai:"):
+        return train_compressai(steps, float(name.split(":", 1)[1]))
+    raise SystemExit(f"--train-only {name}: allowed: flat<bits>, rvq, compressai:<lambda>")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", type=Path, help="the default run's checkpoint (default: train it, cached)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of every peer (default: the default run's)")
+    ap.add_argument("--lambdas", default="0.0035,0.013,0.0483", help="CompressAI rate-distortion trade-offs")
+    ap.add_argument("--no-report", action="store_true", help="print only; do not write docs/benchmarks/codec.md")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="only ours, JPEG and WebP (quick check of a model change; implies --no-report)")
+    ap.add_argument("--train-only", metavar="PEER",
+                    help="only train (and cache) one peer: flat4, flat6, flat8, rvq or compressai:<lambda> "
+                         "(to train peers in parallel processes)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    steps = args.steps or default_steps()
+    if args.train_only:
+        train_peer(args.train_only, steps)
+        return
+    images = heldout_images()
+    ckpt = args.ckpt or train_run("default", steps, [])
+
+    rows: dict[str, dict[str, np.ndarray]] = {}
+    rows["ours"] = measure(ours_codec(ckpt), images)
+    notes: list[str] = []
+    if not args.ours_only:
+        peers(rows, images, steps, args.lambdas, notes)
+    rows["JPEG"] = measure(pillow_codec("JPEG", JPEG_QUALITIES), images)
+    rows["WebP"] = measure(pillow_codec("WEBP", WEBP_QUALITIES), images)
+    write(rows, images, steps, ckpt, notes, report=not (args.no_report or args.ours_only))
+
+
+def peers(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray], steps: int, lambdas: str,
+          notes: list[str]) -> None:
+    """The trained peers' rows: flat VQs, ResidualVQ, CompressAI (when it imports)."""
+    for b in FLAT_BITS:
+        rows[f"flat VQ {b} bits"] = measure(ours_codec(train_peer(f"flat{b}", steps), last_only=True), images)
+    rows["ResidualVQ 16x3, dropout"] = measure(rvq_codec(train_rvq(steps)), images)
+    try:
+        import compressai  # noqa: F401
+    except ImportError as e:
+        notes.append(f"CompressAI rows missing: {e}")
+        return
+    ca = [measure(compressai_codec(train_compressai(steps, float(lm))), images) for lm in lambdas.split(",")]
+    rows["CompressAI factorized"] = {name: np.concatenate([c[name] for c in ca]) for name in images}
+
+
+def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray], steps: int, ckpt: Path,
+          notes: list[str], report: bool) -> None:
+    mean = {k: mean_curve(v) for k, v in rows.items()}
+    ours = mean["ours"]
+    where = ckpt.relative_to(REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else ckpt
+    lines = [f"Images: {', '.join(f'{k} ({v.shape[1]}x{v.shape[0]})' for k, v in images.items())}; "
+             f"peers trained {steps} steps on the default run's crops. Ours: `{where}`.", ""]
+    # per layer: ours against JPEG / WebP at the same bpp (per image, then averaged) and the flat VQ
+    header = ["layer", "bpp", "PSNR dB", "MS-SSIM", "JPEG dB at same bpp", "ours - JPEG", "WebP dB at same bpp",
+              "ours - WebP"]
+    table = []
+    for l in range(ours.shape[0]):
+        jpeg = np.mean([interp_psnr(rows["JPEG"][n][:, :2], rows["ours"][n][l, 0]) for n in images])
+        webp = np.mean([interp_psnr(rows["WebP"][n][:, :2], rows["ours"][n][l, 0]) for n in images])
+        table.append([l, ours[l, 0], ours[l, 1], ours[l, 2], jpeg, ours[l, 1] - jpeg, webp, ours[l, 1] - webp])
+    lines += ["**Ours per layer** (mean over the images; JPEG/WebP interpolated at each image's own bpp):", "",
+              markdown_table(header, table), ""]
+    peers = [[k, ", ".join(f"{b:.3f}" for b in v[:, 0]), ", ".join(f"{p:.2f}" for p in v[:, 1]),
+              ", ".join(f"{s:.3f}" for s in v[:, 2]),
+              bd_rate(ours[:, :2], near(v[:, :2], ours[:, 1].min(), ours[:, 1].max()))]
+             for k, v in mean.items() if k != "ours"]
+    lines += ["**Peers** (mean over the images) and BD-rate of ours against each (negative = ours smaller):", "",
+              markdown_table(["codec", "bpp", "PSNR dB", "MS-SSIM", "BD-rate of ours %"], peers), ""]
+    flat = [[k, v[0, 0], v[0, 1], interp_psnr(ours[:, :2], v[0, 0]), interp_psnr(ours[:, :2], v[0, 0]) - v[0, 1]]
+            for k, v in mean.items() if k.startswith("flat")]
+    lines += ["**Ours against flat VQs** at the flat VQ's rate (ours interpolated):", "",
+              markdown_table(["flat VQ", "bpp", "PSNR dB", "ours dB at that bpp", "ours - flat"], flat), ""]
+    per = [[n, k, ", ".join(f"{b:.3f}/{p:.2f}" for b, p in rows[k][n][:, :2])] for n in images
+           for k in ("ours", "JPEG", "CompressAI factorized") if k in rows]
+    lines += ["**Per image** (bpp/PSNR):", "", markdown_table(["image", "codec", "bpp/PSNR"], per), ""]
+    lines += [f"Note: {n}" for n in notes]
+    body = "\n".join(lines)
+    print(body)
+    raw = {k: {n: v.tolist() for n, v in per_img.items()} for k, per_img in rows.items()}
+    CODEC_CACHE.mkdir(parents=True, exist_ok=True)
+    (CODEC_CACHE / "last_results.json").write_text(json.dumps(raw))
+    if report:
+        from svq_modules.plotting import plot_rate_distortion
+
+        series = {k: v[:, :2] for k, v in mean.items()}
+        plot_rate_distortion(series, RD_PNG, metric="psnr", rate="bpp", annotations={"ours": True},
+                             styles={"JPEG": {"linestyle": "--"}, "WebP": {"linestyle": "--"}},
+                             title="whole held-out images (mean)")
+        write_report("codec", "Image codec: the default model against JPEG, WebP and learned peers",
+                     body + f"\n\n![rate-distortion](../images/{RD_PNG.name})\n")
+
+
+if __name__ == "__main__":
+    main()
