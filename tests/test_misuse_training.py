@@ -363,6 +363,23 @@ def test_resume_from_a_checkpoint_of_another_model(tmp_path):
                                                                checks.check_train_config(cfg))) == GOLDEN
 
 
+def test_eval_with_a_module_class_that_is_not_one(tmp_path):
+    """module_class= named itself (not ckpt_path) when it cannot be imported or is not a LightningModule."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).normal(size=(200, 3)).astype(np.float32))
+    common = [f"ckpt_path={GOLDEN}", "data=vectors", f"data.path={tmp_path / 'x.npy'}"]
+    message = _error(tmp_path, *common, "module_class=no_such_package.Model", job=entry.evaluate, name="eval")
+    assert message.startswith("module_class=no_such_package.Model: cannot import it"), message
+    message = _error(tmp_path, *common, "module_class=torch.nn.Linear", job=entry.evaluate, name="eval")
+    assert message.startswith("module_class=torch.nn.Linear is not a LightningModule class"), message
+
+
+def test_eval_of_a_vectors_checkpoint_on_images_says_which_data(tmp_path):
+    """The model comes from the checkpoint: the hint is a data= setting, not model=."""
+    message = _error(tmp_path, f"ckpt_path={GOLDEN}", job=entry.evaluate, name="eval")
+    assert message == (f"ckpt_path={GOLDEN} holds a ScalableVQVectors, which takes vectors, but the data module "
+                       f"gives images; use data=vectors data.path=<[N, D] file>"), message
+
+
 # ----------------------------------------------------------------------------------------
 # (d) Lightning's checkpoint names hold '='
 # ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ __all__ = [
     "check_eval_config",
     "check_train_config",
     "config_error",
+    "first_line",
     "is_main_process",
     "quote_path_overrides",
     "resolve_proposal",
@@ -46,6 +47,12 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def config_error(error: BaseException, group: str, node: Any = None) -> ConfigError:
     """A :class:`ConfigError` for an error raised while building the ``group`` config.
 
@@ -55,8 +62,7 @@ def config_error(error: BaseException, group: str, node: Any = None) -> ConfigEr
     naming a key elsewhere (Lightning's ```max_epochs` must be ...``) is prefixed with
     that setting and its value; any other with ``group: ``.
     """
-    cause = root_cause(error)
-    message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    message = first_line(root_cause(error))
     node = node if isinstance(node, (DictConfig, Mapping)) else {}
     keys = {str(k): str(k) for k in node}
     for sub, value in node.items():

@@ -30,8 +30,10 @@ from .checks import (
     check_eval_config,
     check_train_config,
     config_error,
+    first_line,
     is_main_process,
     quote_path_overrides,
+    root_cause,
 )
 from .modules import ScalableVQVectors
 from .protocol import quantizer_modules
@@ -132,12 +134,19 @@ def setup_data(datamodule: L.LightningDataModule, stage: str, node: DictConfig) 
         raise config_error(e, "data", node) from None
 
 
-def check_pairing(model: Any, datamodule: Any) -> None:
-    """The model (class or instance) takes the data module's batches; image crops fit its patches."""
+def check_pairing(model: Any, datamodule: Any, checkpoint: Path | None = None) -> None:
+    """The model (class or instance) takes the data module's batches; image crops fit its patches.
+
+    ``checkpoint``: the file the model came from (eval.py); then the data is what to change.
+    """
     want = getattr(model, "data_kind", None)
     have = getattr(datamodule, "kind", None)
     name = model.__name__ if isinstance(model, type) else type(model).__name__
     if want and have and want != have:
+        if checkpoint is not None:
+            hint = "data=vectors data.path=<[N, D] file>" if want == "vectors" else "data=default_images or data=image_folder"
+            raise ConfigError(f"ckpt_path={checkpoint} holds a {name}, which takes {want}, but the data module gives "
+                              f"{have}; use {hint}")
         hint = "model=vectors" if have == "vectors" else "model=autoencoder"
         raise ConfigError(f"{name} trains on {want} but the data module gives {have}; use {hint}")
     patch = getattr(getattr(model, "hparams", None), "patch_size", None)
@@ -226,7 +235,7 @@ def check_resume(value: Any, model: L.LightningModule) -> Path | None:
     try:
         ckpt = load_checkpoint(path)
     except (OSError, ValueError) as e:
-        reason = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} ")
+        reason = first_line(e).removeprefix(f"{path}: ").removeprefix(f"{path} ")
         raise ConfigError(f"ckpt_path={value}: {reason}; {allowed}") from None
     cls = module_class(ckpt)
     if cls is not None and not isinstance(model, cls):
@@ -294,9 +303,19 @@ def eval_model(cfg: DictConfig, ckpt: Path, datamodule: Any) -> L.LightningModul
     """
     from hydra.utils import get_class
 
+    cls = None
+    if cfg.get("module_class"):
+        allowed = "allowed: the import path of your LightningModule class, e.g. module_class=my_package.MyModel"
+        try:
+            cls = get_class(cfg.module_class)
+        except Exception as e:  # Hydra wraps ImportError / AttributeError in its own errors
+            raise ConfigError(f"module_class={cfg.module_class}: cannot import it ({first_line(root_cause(e))}); "
+                              f"{allowed}") from None
+        if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
+            raise ConfigError(f"module_class={cfg.module_class} is not a LightningModule class; {allowed}")
     try:
         meta = load_checkpoint(ckpt)
-        cls = get_class(cfg.module_class) if cfg.get("module_class") else module_class(meta)
+        cls = cls or module_class(meta)
         if cls is not None:
             model = load_lit_module(ckpt, cls=cls)
         elif getattr(datamodule, "kind", None) == "vectors":
@@ -308,8 +327,9 @@ def eval_model(cfg: DictConfig, ckpt: Path, datamodule: Any) -> L.LightningModul
     except ConfigError:
         raise
     except Exception as e:
-        raise config_error(e, f"ckpt_path={ckpt}") from None
-    check_pairing(model, datamodule)
+        reason = first_line(root_cause(e)).removeprefix(f"{ckpt}: ").removeprefix(f"{ckpt} ")
+        raise ConfigError(f"ckpt_path={ckpt}: {reason}") from None
+    check_pairing(model, datamodule, checkpoint=ckpt)
     dim = getattr(getattr(model, "hparams", None), "dim", None)
     if hasattr(type(datamodule), "dim") and dim is not None and _data_dim(datamodule, cfg.data) != int(dim):
         raise ConfigError(f"data.path={datamodule.path} holds {datamodule.dim}-dim vectors but the checkpoint "
