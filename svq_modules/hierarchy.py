@@ -60,9 +60,11 @@ _CANDIDATES_LARGE = 64
 _LARGE_CODEBOOK = 32768
 _MIN_BLOCK_ROWS = 64
 # a phase whose groups need at most this many pair costs (padded) runs on dense per-group matrices
-_DENSE_PHASE_ELEMENTS = 1 << 22
+_DENSE_PHASE_ELEMENTS = 1 << 24
 # ... and no group is larger than this (larger ones reuse work across rounds with candidate lists)
 _DENSE_MAX_GROUP = 512
+# small groups share one padded table up to this many pair costs, else one table per size class
+_DENSE_ONE_TABLE = 1 << 14
 
 
 def code_statistics(
@@ -302,6 +304,9 @@ def ward_clusters(
     labels = labels.to(device=points.device, dtype=torch.long)
     if points.shape[0] == 1:
         return torch.zeros(1, dtype=torch.long, device=points.device)
+    _, group, sizes = torch.unique(labels, return_inverse=True, return_counts=True)
+    if _dense_fits(sizes):
+        return _dense_clusters(points, counts, group, sizes, max_clusters)
     state = MergeState.start(points, counts, points * counts[:, None], "ward", block_size)
     _absorb_empty_codes(state, labels[None])
     _merge_phase(state, 1, labels, None, max_roots=max_clusters)
@@ -514,26 +519,47 @@ def _merge_phase(state: MergeState, level: int, leaf_label: Tensor | None, bar: 
             bar.update(merged)
 
 
+def _size_class(sizes: Tensor) -> Tensor:
+    """Padded width of groups of ``sizes [G]``: the next power of two."""
+    return sizes.double().log2().ceil().exp2().long()
+
+
+def _dense_fits(sizes: Tensor) -> bool:
+    """Whether groups of ``sizes [G]`` are small enough for :func:`_dense_phase`."""
+    width = _size_class(sizes)
+    return int(width.max()) <= _DENSE_MAX_GROUP and int((width * width).sum()) <= _DENSE_PHASE_ELEMENTS
+
+
 def _small_groups(state: MergeState, active: Tensor) -> list[Tensor] | None:
-    """The active nodes as padded ``[G, S]`` id tables, one per size class (sizes in
-    ``(S/2, S]``), when the groups are small (see ``_DENSE_MAX_GROUP``); else None."""
+    """The active nodes as padded id tables (:func:`_group_tables`) when their groups
+    (labels) are small (see ``_DENSE_MAX_GROUP``); else None."""
     if state.label is None:
         group, sizes = torch.zeros_like(active), active.new_tensor([active.numel()])
     else:
         _, group, sizes = torch.unique(state.label[active], return_inverse=True, return_counts=True)
-    width = sizes.double().log2().ceil().exp2().long()  # size class: the next power of two
-    if int(width.max()) > _DENSE_MAX_GROUP or int((width * width).sum()) > _DENSE_PHASE_ELEMENTS:
+    if not _dense_fits(sizes):
         return None
+    return _group_tables(active, group, sizes)
+
+
+def _group_tables(items: Tensor, group: Tensor, sizes: Tensor) -> list[Tensor]:
+    """``items [n]`` as padded ``[G, S]`` tables of their groups (``group [n]`` compact,
+    ``sizes [G]``), ``-1``-padded: one table for all when small, else one per size class
+    (sizes in ``(S/2, S]``, at most log2 n tables)."""
+    width = _size_class(sizes)
+    widest = int(width.max())
+    if sizes.numel() * widest * widest <= _DENSE_ONE_TABLE:
+        width = torch.full_like(width, widest)
     order = torch.argsort(group, stable=True)
     slot = torch.empty_like(order)
-    slot[order] = torch.arange(active.numel(), device=active.device) - torch.searchsorted(group[order], group[order])
+    slot[order] = torch.arange(items.numel(), device=items.device) - torch.searchsorted(group[order], group[order])
     tables = []
-    for size in torch.unique(width).tolist():  # one table per size class (at most log2 K of them)
+    for size in torch.unique(width).tolist():
         in_class = width == size
         row = torch.cumsum(in_class.long(), 0) - 1
-        table = torch.full((int(in_class.sum()), size), -1, dtype=torch.long, device=active.device)
+        table = torch.full((int(in_class.sum()), size), -1, dtype=torch.long, device=items.device)
         mine = in_class[group]
-        table[row[group[mine]], slot[mine]] = active[mine]
+        table[row[group[mine]], slot[mine]] = items[mine]
         tables.append(table)
     return tables
 
@@ -541,49 +567,94 @@ def _small_groups(state: MergeState, active: Tensor) -> list[Tensor] | None:
 def _dense_phase(state: MergeState, level: int, tables: list[Tensor], max_roots: int, bar: Any) -> None:
     """:func:`_merge_phase` for small groups: each round, every group's pair costs in one
     padded matrix (no candidate lists); all mutually-nearest pairs merge, at most down to
-    ``max_roots`` roots per group. ``tables``: from :func:`_small_groups` (updated in place)."""
+    ``max_roots`` roots per group. ``tables``: from :func:`_small_groups`; a group leaves
+    its table once it is done."""
+
+    def merge(ids: Tensor) -> int:
+        safe = ids.clamp_min(0)
+        g, s, t, cost = _mutual_pairs(ids, state.mu[safe], state.weight[safe], state.linkage == "ward", max_roots)
+        a, b = ids[g, s], ids[g, t]
+        state.nn_cost[a] = cost
+        ids[g, s] = _record_merges(state, a, b, level)
+        ids[g, t] = -1
+        return a.numel()
+
+    _dense_rounds(tables, max_roots, merge, bar)
+
+
+def _dense_rounds(tables: list[Tensor], max_roots: int, merge: Any, bar: Any = None) -> None:
+    """Call ``merge(ids) -> merges`` on every table of groups that still have more than
+    ``max_roots`` roots, round after round; ``merge`` updates ``ids [G, S]`` in place."""
+    tables = [ids[(ids >= 0).sum(1) > max_roots] for ids in tables]
+    tables = [ids for ids in tables if ids.shape[0]]
     while tables:
         merged, still = 0, []
         for ids in tables:
-            done = _dense_round(state, level, ids, max_roots)
-            merged += done
-            if done:
+            merged += merge(ids)
+            ids = ids[(ids >= 0).sum(1) > max_roots]
+            if ids.shape[0]:
                 still.append(ids)
         tables = still
         if bar is not None:
             bar.update(merged)
 
 
-def _dense_round(state: MergeState, level: int, ids: Tensor, max_roots: int) -> int:
-    """One round of :func:`_dense_phase` on ``ids [G, S]`` (node ids, -1 pads; updated). Returns the merges."""
+def _mutual_pairs(ids: Tensor, x: Tensor, w: Tensor, ward: bool, max_roots: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pairs one dense round merges in groups ``ids [G, S]`` (-1 pads; every group has
+    more than ``max_roots`` roots), from their centroids ``x [G, S, D]`` and weights ``w [G, S]``:
+    all mutually-nearest pairs, per group at most the cheapest ``roots - max_roots``
+    (a group with none, from float ties, merges its cheapest pair).
+
+    Returns ``(g, s, t, cost)``: group, the two slots and the linkage cost of each pair.
+    """
     alive = ids >= 0
-    room = alive.sum(1) - max_roots
-    busy = room > 0
-    if not bool(busy.any()):
-        return 0
-    safe = ids.clamp_min(0)
-    x, sq, w = state.mu[safe], state.sqnorm[safe], state.weight[safe]
+    sq = x.pow(2).sum(-1)
     cost = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.transpose(1, 2), alpha=-2.0).clamp_(min=0.0)
-    if state.linkage == "ward":
+    if ward:
         cost.div_(1.0 / w[:, :, None] + 1.0 / w[:, None, :])
-    width = ids.shape[1]
-    cols = torch.arange(width, device=ids.device)
-    pair_ok = alive[:, :, None] & alive[:, None, :] & busy[:, None, None] & (cols[:, None] != cols[None, :])
+    cols = torch.arange(ids.shape[1], device=ids.device)
+    pair_ok = alive[:, :, None] & alive[:, None, :]
+    pair_ok[:, cols, cols] = False
     cost.masked_fill_(~pair_ok, math.inf)
     best, nn = cost.min(2)
     mutual = (nn.gather(1, nn) == cols) & (cols < nn) & torch.isfinite(best)
     rank = torch.where(mutual, best, math.inf).argsort(1).argsort(1)
-    take = mutual & (rank < room[:, None])
-    stuck = busy & ~take.any(1)  # float ties: the group's cheapest pair
+    take = mutual & (rank < (alive.sum(1) - max_roots)[:, None])
+    stuck = ~take.any(1)
     if bool(stuck.any()):
         take[stuck.nonzero().squeeze(1), best[stuck].argmin(1)] = True
     g, s = take.nonzero(as_tuple=True)
-    t = nn[g, s]
-    a, b = ids[g, s], ids[g, t]
-    state.nn_cost[a] = best[g, s]
-    ids[g, s] = _record_merges(state, a, b, level)
-    ids[g, t] = -1
-    return a.numel()
+    return g, s, nn[g, s], best[g, s]
+
+
+def _dense_clusters(points: Tensor, counts: Tensor, group: Tensor, sizes: Tensor, max_clusters: int) -> Tensor:
+    """:func:`ward_clusters` for small labels (``group [n]`` compact, ``sizes [G]``): the
+    rounds of :func:`_dense_phase`, keeping only centroids and weights (no tree)."""
+    n = points.shape[0]
+    mu = points - points.mean(0, keepdim=True)
+    has_data = counts > 0
+    tiny = _EMPTY_WEIGHT * (float(counts[has_data].mean()) if bool(has_data.any()) else 1.0)
+    w = torch.where(has_data, counts, torch.full_like(counts, tiny))
+    link = torch.arange(n, device=points.device)  # the item each one was merged into
+
+    def merge(ids: Tensor) -> int:
+        safe = ids.clamp_min(0)
+        g, s, t, _ = _mutual_pairs(ids, mu[safe], w[safe], True, max_clusters)
+        a, b = ids[g, s], ids[g, t]
+        wa, wb = w[a], w[b]
+        mu[a] = (wa[:, None] * mu[a] + wb[:, None] * mu[b]) / (wa + wb)[:, None]
+        w[a] = wa + wb
+        link[b] = a
+        ids[g, t] = -1
+        return a.numel()
+
+    _dense_rounds(_group_tables(torch.arange(n, device=points.device), group, sizes), max_clusters, merge)
+    while True:  # every item to the one it finally merged into
+        jumped = link[link]
+        if torch.equal(jumped, link):
+            break
+        link = jumped
+    return torch.unique(link, return_inverse=True)[1]
 
 
 def _merge_round(state: MergeState, level: int, max_roots: int = 1) -> int:

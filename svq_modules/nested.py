@@ -109,7 +109,7 @@ def build_nested(
     bits: BitProposal = (4, 2, 2, 2, 2),
     *,
     num_layers: int | None = None,
-    iters: int = 10,
+    iters: int = 5,
     linkage: str = "ward",
     block_size: int | None = None,
     progress: bool = False,
@@ -160,7 +160,7 @@ def nested_cells(
     start: list[Tensor],
     widths: list[int],
     *,
-    iters: int = 10,
+    iters: int = 5,
     block_size: int | None = None,
 ) -> list[Tensor]:
     """Nested cells of every listed layer, top-down (steps 2 of the module docstring).
@@ -179,34 +179,50 @@ def nested_cells(
         unions of layer l+1's, and each holds at most ``2**widths[l+1]`` of them.
     """
     num_listed = len(widths)
-    reference = [cell_error(points, weights, cells) for cells in start]
+    reference = [cell_error(points, weights, cells) for cells in start[:2]]  # of the base-layer choice
     parent = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
     current, finer = start[0], (start[1] if num_listed > 1 else None)
+    split = _SplitCache(points, weights, start, widths, block_size)
     out: list[Tensor] = []
     for layer in range(num_listed):
-        if finer is None:  # the last listed layer: on its own
+        if finer is None:  # the last listed layer, on its own
             out.append(lloyd_within(current, parent, points, weights, iters))
             break
         lam = _level_weights(points, weights, current, finer)
         joint = joint_lloyd(parent, current, finer, points, weights, lam, iters)
-        alone = lloyd_within(current, parent, points, weights, iters)
-        units = start[layer + 2] if layer + 2 < num_listed else None
-        split = _ward_split(points, weights, alone, units, widths[layer + 1], block_size)
-        sequential = (alone, lloyd_within(split, alone, points, weights, iters))
-        pair = min(
-            (joint, sequential),
-            key=lambda cand: max(
-                cell_error(points, weights, cand[i]) / max(reference[layer + i], 1e-30) for i in (0, 1)
-            ),
-        )
-        out.append(pair[0])
-        parent, current = pair[0], pair[1]
-        if layer + 2 < num_listed:
-            units = start[layer + 3] if layer + 3 < num_listed else None
-            finer = _ward_split(points, weights, current, units, widths[layer + 2], block_size)
-        else:
-            finer = None
+        if layer == 0:  # the base layer may also take the sequential candidate (see the module docstring)
+            alone = lloyd_within(current, parent, points, weights, iters)
+            sequential = (alone, lloyd_within(split(alone, layer + 1), alone, points, weights, iters))
+            joint = min(
+                (joint, sequential),
+                key=lambda cand: max(
+                    cell_error(points, weights, cand[i]) / max(reference[layer + i], 1e-30) for i in (0, 1)
+                ),
+            )
+        out.append(joint[0])
+        parent, current = joint
+        finer = split(current, layer + 2) if layer + 2 < num_listed else None
     return out
+
+
+class _SplitCache:
+    """:func:`_ward_split` of cells into layer ``l``'s cells, on the Ward tree's layer-``l+1``
+    cells as units (single codewords below the last listed layer); repeated calls with
+    the same cells reuse the result."""
+
+    def __init__(self, points: Tensor, weights: Tensor, start: list[Tensor], widths: list[int],
+                 block_size: int | None) -> None:
+        self.points, self.weights, self.start, self.widths, self.block_size = points, weights, start, widths, block_size
+        self.done: list[tuple[int, Tensor, Tensor]] = []
+
+    def __call__(self, cells: Tensor, layer: int) -> Tensor:
+        for known_layer, known_cells, result in self.done:
+            if known_layer == layer and torch.equal(known_cells, cells):
+                return result
+        units = self.start[layer + 1] if layer + 1 < len(self.start) else None
+        result = _ward_split(self.points, self.weights, cells, units, self.widths[layer], self.block_size)
+        self.done = [*self.done[-3:], (layer, cells, result)]
+        return result
 
 
 def _level_weights(points: Tensor, weights: Tensor, coarse: Tensor, fine: Tensor) -> tuple[float, float]:

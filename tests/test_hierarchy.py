@@ -3,7 +3,14 @@ import itertools
 import pytest
 import torch
 
-from svq_modules.hierarchy import Hierarchy, build_constrained_hierarchy, build_hierarchy, code_statistics
+from svq_modules.hierarchy import (
+    Hierarchy,
+    build_constrained_hierarchy,
+    build_hierarchy,
+    code_statistics,
+    ward_clusters,
+)
+from svq_modules.linkage import candidate_rows
 
 
 def greedy_ward(counts, sums):
@@ -228,3 +235,97 @@ def test_constrained_tree_keeps_every_cell_a_subtree():
     assert (free_level[K:] == 0).all() and (free_level[:K] == -1).all()
     with pytest.raises(ValueError, match="constraints must be"):
         build_constrained_hierarchy(codebook, constraints=coarse)
+
+
+def greedy_constrained_ward(counts, sums, constraints):
+    """Textbook constrained Ward: inside the finest labels, then each coarser row, then free."""
+    rows = [None] + list(range(constraints.shape[0]))  # free last
+    clusters = {i: (float(counts[i]), sums[i].clone(), frozenset([i])) for i in range(len(counts))}
+    merges = []
+    for row in reversed(rows):
+        while True:
+            best = None
+            for a, b in itertools.combinations(sorted(clusters), 2):
+                (na, sa, ma), (nb, sb, mb) = clusters[a], clusters[b]
+                if row is not None and constraints[row, min(ma)] != constraints[row, min(mb)]:
+                    continue
+                cost = na * nb / (na + nb) * float(((sa / na - sb / nb) ** 2).sum())
+                if best is None or cost < best[0]:
+                    best = (cost, a, b)
+            if best is None:
+                break
+            cost, a, b = best
+            na, sa, ma = clusters.pop(a)
+            nb, sb, mb = clusters.pop(b)
+            clusters[max(clusters, default=max(a, b)) + 1000] = (na + nb, sa + sb, ma | mb)
+            merges.append((ma | mb, cost))
+    return merges
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_constrained_tree_equals_greedy_constrained_ward(seed, dense, monkeypatch):
+    """Both ways of merging inside labels (padded dense rounds for small labels, candidate
+    lists scanning only the row's own label otherwise) give the textbook tree."""
+    import svq_modules.hierarchy as hierarchy_module
+
+    if not dense:
+        monkeypatch.setattr(hierarchy_module, "_DENSE_MAX_GROUP", 0)
+    g = torch.Generator().manual_seed(seed)
+    K, D = 30, 3
+    counts = torch.randint(1, 50, (K,), generator=g).double()
+    sums = torch.randn(K, D, generator=g, dtype=torch.float64) * counts[:, None]
+    coarse = torch.randint(0, 3, (K,), generator=g)
+    constraints = torch.stack([coarse, coarse * 3 + torch.randint(0, 3, (K,), generator=g)])
+    h, _ = build_constrained_hierarchy(sums / counts[:, None], counts, sums, constraints)
+    ours = sorted(tree_merges(h), key=lambda m: m[1])
+    ref = sorted(greedy_constrained_ward(counts, sums, constraints), key=lambda m: m[1])
+    assert [m[0] for m in ours] == [m[0] for m in ref]
+    torch.testing.assert_close(torch.tensor([m[1] for m in ours]), torch.tensor([m[1] for m in ref]))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_ward_clusters_stops_at_the_greedy_ward_clusters(dense, monkeypatch):
+    import svq_modules.hierarchy as hierarchy_module
+
+    if not dense:
+        monkeypatch.setattr(hierarchy_module, "_DENSE_MAX_GROUP", 0)
+    g = torch.Generator().manual_seed(5)
+    n = 40
+    points = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    counts = torch.randint(1, 20, (n,), generator=g).double()
+    labels = torch.randint(0, 3, (n,), generator=g) * 7  # any label values
+    clusters = ward_clusters(points, counts, labels, 4)
+    assert clusters.dtype == torch.long and clusters.shape == (n,)
+    # reference: per label, greedy Ward merges until 4 clusters are left
+    for value in labels.unique():
+        members = (labels == value).nonzero().squeeze(1)
+        sub = greedy_ward(counts[members], points[members] * counts[members, None])
+        keep = len(members) - 4  # the first merges
+        by_cost = sorted(sub, key=lambda m: m[1])[:keep]
+        maximal = [m for m, _ in by_cost if not any(m < other for other, _ in by_cost)]
+        ref = {frozenset(members[list(m)].tolist()) for m in maximal}
+        ref |= {frozenset([int(i)]) for i in members if not any(int(j) in m for m in ref for j in [i])}
+        ours = {frozenset(members[clusters[members] == c].tolist()) for c in clusters[members].unique()}
+        assert ours == ref
+    with pytest.raises(ValueError, match="max_clusters"):
+        ward_clusters(points, counts, labels, 0)
+
+
+def test_labelled_candidate_rows_equal_a_masked_full_scan():
+    g = torch.Generator().manual_seed(2)
+    m, d, k = 300, 4, 5
+    mu = torch.randn(m + 1, d, generator=g, dtype=torch.float64)
+    weight = torch.rand(m + 1, generator=g, dtype=torch.float64) + 0.5
+    label = torch.randint(0, 12, (m + 1,), generator=g)
+    label[:40] = 99  # one large label
+    active = torch.arange(m)
+    rows = active[torch.randperm(m, generator=g)[:120]].sort().values
+    cand, cost = candidate_rows(rows, active, mu, weight, mu.pow(2).sum(-1), "ward", k, 1 << 10, label)
+    full = torch.cdist(mu[rows], mu[active]).pow(2) / (1 / weight[rows, None] + 1 / weight[None, active])
+    full[label[rows, None] != label[None, active]] = float("inf")
+    full[rows[:, None] == active[None, :]] = float("inf")
+    ref_cost, ref_j = full.topk(k, dim=1, largest=False)
+    torch.testing.assert_close(cost, ref_cost)
+    finite = torch.isfinite(ref_cost)
+    assert torch.equal(cand[finite], active[ref_j][finite]) and (cand[~finite] == m).all()
