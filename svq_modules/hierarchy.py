@@ -263,14 +263,17 @@ def build_constrained_hierarchy(
     codebook, counts, sums, constraints = _check_build_inputs(codebook, counts, sums, linkage, constraints)
     state = MergeState.start(codebook, counts, sums, linkage, block_size)
     bar = _progress_bar(progress, state.num_codes - 1)
-    if linkage == "ward":
-        merged = _absorb_empty_codes(state, constraints)
-        if bar is not None:
-            bar.update(merged)
-    # phases: inside the finest labels first, then each coarser row, then free
-    phases = [(c + 1, constraints[c]) for c in reversed(range(constraints.shape[0]))] + [(0, None)]
-    for level, leaf_label in phases:
-        _merge_phase(state, level, leaf_label, bar)
+    if state.num_codes > 1 and _phases_all_dense(constraints):
+        _concurrent_phases(state, constraints, bar)
+    else:
+        if linkage == "ward":  # candidate lists need the codes without data out of the way
+            merged = _absorb_empty_codes(state, constraints)
+            if bar is not None:
+                bar.update(merged)
+        # phases: inside the finest labels first, then each coarser row, then free
+        phases = [(c + 1, constraints[c]) for c in reversed(range(constraints.shape[0]))] + [(0, None)]
+        for level, leaf_label in phases:
+            _merge_phase(state, level, leaf_label, bar)
     if bar is not None:
         bar.close()
     return ConstrainedHierarchy(_finish(state, codebook), state.node_level)
@@ -528,6 +531,109 @@ def _dense_fits(sizes: Tensor) -> bool:
     """Whether groups of ``sizes [G]`` are small enough for :func:`_dense_phase`."""
     width = _size_class(sizes)
     return int(width.max()) <= _DENSE_MAX_GROUP and int((width * width).sum()) <= _DENSE_PHASE_ELEMENTS
+
+
+def _phases_all_dense(constraints: Tensor) -> bool:
+    """Whether every phase of a build under ``constraints [C, K]`` merges small groups only
+    (:func:`_dense_phase`): the leaves of each finest label, the finer labels inside each
+    coarser one, and the coarsest labels in the free phase."""
+    if constraints.shape[0] == 0:
+        return False
+    labels = [torch.unique(row, return_inverse=True)[1] for row in constraints]
+    if not _dense_fits(torch.bincount(labels[-1])):
+        return False
+    for coarse, fine in zip([torch.zeros_like(labels[0]), *labels[:-1]], labels):
+        span = int(fine.max()) + 1
+        pairs = torch.unique(coarse * span + fine)  # (coarser label, finer label) pairs
+        if not _dense_fits(torch.bincount(pairs // span)):
+            return False
+    return True
+
+
+def _concurrent_phases(state: MergeState, constraints: Tensor, bar: Any) -> None:
+    """Every phase of a constrained build at once, when all groups are small.
+
+    A cell's root has the cell's total weight and weighted centroid however the
+    cell is merged inside, so the groups of every phase are known before any
+    merge: the leaves of each finest cell, the cells of each row inside each
+    cell of the next coarser row, the coarsest cells under the root. Their
+    merges run in the same dense rounds (:func:`_dense_rounds`), then are
+    recorded phase by phase, finest first, so parents get larger ids than their
+    children. The tree is the one phase after phase would build.
+    """
+    num_codes, rows = state.num_codes, constraints.shape[0]
+    leaf_w, leaf_mu = state.weight[:num_codes], state.mu[:num_codes]
+    _, cells = torch.unique(constraints[-1], return_inverse=True)
+    mus, weights, groups, sizes = [leaf_mu], [leaf_w], [cells], [num_codes]
+    for phase in range(1, rows + 1):  # items: the cells of row rows - phase
+        count = int(cells.max()) + 1
+        w = torch.zeros(count, dtype=leaf_w.dtype, device=leaf_w.device).index_add_(0, cells, leaf_w)
+        mu = torch.zeros(count, leaf_mu.shape[1], dtype=leaf_mu.dtype, device=leaf_mu.device)
+        mu = mu.index_add_(0, cells, leaf_w[:, None] * leaf_mu) / w[:, None]
+        row = rows - phase
+        coarser = torch.unique(constraints[row - 1], return_inverse=True)[1] if row > 0 else torch.zeros_like(cells)
+        groups.append(torch.zeros(count, dtype=torch.long, device=cells.device).scatter_(0, cells, coarser))
+        mus.append(mu)
+        weights.append(w)
+        sizes.append(count)
+        cells = coarser
+    offsets = torch.tensor([0, *sizes], device=cells.device).cumsum(0)
+    group_offsets = [0]
+    for g in groups[:-1]:
+        group_offsets.append(group_offsets[-1] + int(g.max()) + 1)
+    group = torch.cat([g + o for g, o in zip(groups, group_offsets)])
+    mu, w = torch.cat(mus), torch.cat(weights)
+    link = torch.arange(group.numel(), device=group.device)
+    log: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def merge(ids: Tensor) -> int:
+        safe = ids.clamp_min(0)
+        g, s, t, cost = _mutual_pairs(ids, mu[safe], w[safe], state.linkage == "ward", 1)
+        a, b = ids[g, s], ids[g, t]
+        wa, wb = w[a], w[b]
+        mu[a] = (wa[:, None] * mu[a] + wb[:, None] * mu[b]) / (wa + wb)[:, None]
+        w[a] = wa + wb
+        link[b] = a
+        ids[g, t] = -1
+        log.append((a, b, cost))
+        return 0
+
+    _, compact, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    _dense_rounds(_group_tables(torch.arange(group.numel(), device=group.device), compact, counts), 1, merge)
+    _replay_phases(state, log, link, offsets, groups, bar)
+
+
+def _replay_phases(
+    state: MergeState, log: list[tuple[Tensor, Tensor, Tensor]], link: Tensor, offsets: Tensor, groups: list[Tensor],
+    bar: Any,
+) -> None:
+    """Record the merges of :func:`_concurrent_phases`: ``log`` (per round, item pairs and
+    costs), ``link`` (the item each one merged into), ``offsets`` (first item of each phase),
+    ``groups`` (per phase, the group of each of its items; group j holds item j of the next)."""
+    rows = len(groups) - 1
+    while True:
+        jumped = link[link]
+        if torch.equal(jumped, link):
+            break
+        link = jumped
+    node = torch.full_like(link, -1)
+    node[: state.num_codes] = torch.arange(state.num_codes, device=link.device)
+    bounds = offsets.tolist()
+    for phase in range(rows + 1):
+        first, last = bounds[phase], bounds[phase + 1]
+        if phase:  # a cell item is the root its group of the phase before merged into
+            roots = torch.zeros(last - first, dtype=torch.long, device=link.device)
+            roots.scatter_(0, groups[phase - 1], link[bounds[phase - 1] : first])
+            node[first:last] = node[roots]
+        for a, b, cost in log:
+            mine = (a >= first) & (a < last)
+            if not bool(mine.any()):
+                continue
+            a_nodes, b_nodes = node[a[mine]], node[b[mine]]
+            state.nn_cost[a_nodes] = cost[mine]
+            node[a[mine]] = _record_merges(state, a_nodes, b_nodes, rows - phase)
+            if bar is not None:
+                bar.update(int(mine.sum()))
 
 
 def _small_groups(state: MergeState, active: Tensor) -> list[Tensor] | None:

@@ -55,6 +55,8 @@ __all__ = ["build_nested", "build_scalable", "nested_cells"]
 
 # a finer level's error weighs at most this many times the coarser one's in the joint step
 _MAX_LEVEL_WEIGHT = 16.0
+# the Ward splits of the last listed layer merge the greedy cut's cells this many bits deeper
+_UNIT_BITS = 2
 
 
 def build_scalable(
@@ -140,12 +142,13 @@ def build_nested(
     if tree is None:
         tree = build_hierarchy(codebook, counts, sums, linkage=linkage, block_size=block_size, progress=progress)
     widths = resolve_bits(bits, tree, num_layers)
-    greedy = build_layers(tree, widths)
     if tree.num_leaves < 3 or iters == 0:
-        return tree, greedy
+        return tree, build_layers(tree, widths)
+    # the greedy cut, one layer deeper than listed: its finer cells are the units of the Ward splits
+    greedy = build_layers(tree, [*widths, _UNIT_BITS])
     points, weights = _leaf_points(tree, counts, sums)
     points = points - points.mean(0, keepdim=True)  # precision of the expanded distances
-    labels = nested_cells(points, weights, list(greedy.leaf_node[: len(widths)]), widths, iters=iters,
+    labels = nested_cells(points, weights, list(greedy.leaf_node[: len(widths) + 1]), widths, iters=iters,
                           block_size=block_size)
     built = build_constrained_hierarchy(
         codebook, counts, sums, torch.stack(labels), linkage=linkage, block_size=block_size, progress=progress
@@ -168,8 +171,10 @@ def nested_cells(
     Args:
         points: ``[K, D]`` float codeword data means.
         weights: ``[K]`` float >= 0 data counts.
-        start: per listed layer, ``[K]`` int64 nested starting cells (the
-            greedy cut of the Ward tree); also the reference errors.
+        start: per listed layer and one more, ``[K]`` int64 nested cells of
+            the greedy cut of the Ward tree: the starting cells, the reference
+            errors of the base-layer choice, and (one layer finer) the units
+            the Ward splits merge.
         widths: bits of each listed layer.
         iters: Lloyd iterations per refinement.
         block_size: distance block elements.
@@ -206,9 +211,8 @@ def nested_cells(
 
 
 class _SplitCache:
-    """:func:`_ward_split` of cells into layer ``l``'s cells, on the Ward tree's layer-``l+1``
-    cells as units (single codewords below the last listed layer); repeated calls with
-    the same cells reuse the result."""
+    """:func:`_ward_split` of cells into layer ``l``'s cells, on the greedy cut's layer-``l+1``
+    cells as units; repeated calls with the same cells reuse the result."""
 
     def __init__(self, points: Tensor, weights: Tensor, start: list[Tensor], widths: list[int],
                  block_size: int | None) -> None:
@@ -219,7 +223,7 @@ class _SplitCache:
         for known_layer, known_cells, result in self.done:
             if known_layer == layer and torch.equal(known_cells, cells):
                 return result
-        units = self.start[layer + 1] if layer + 1 < len(self.start) else None
+        units = self.start[layer + 1]
         result = _ward_split(self.points, self.weights, cells, units, self.widths[layer], self.block_size)
         self.done = [*self.done[-3:], (layer, cells, result)]
         return result
