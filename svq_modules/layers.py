@@ -58,8 +58,8 @@ __all__ = [
     "node_log2_prob",
 ]
 
-#: layer methods: "nested" (default of :func:`svq_modules.nested.build_scalable`: Lloyd-optimised
-#: cells and their own tree) and the two cuts of a given tree that :func:`build_layers` makes
+#: layer methods of :func:`svq_modules.nested.build_scalable`: "nested" (Lloyd-optimised cells and
+#: their own tree) and the two cuts of a given tree that :func:`build_layers` makes ("greedy", the default)
 CUTS = ("nested", "greedy", "depth")
 TREE_CUTS = ("greedy", "depth")
 # PROPOSALS and BitProposal are validation's (with the one bit-proposal check), re-exported here

@@ -1,4 +1,4 @@
-"""Nested layers near the flat k-means bound: the default way a codebook is cut into layers.
+"""Nested layers near the flat k-means bound (option ``cut="nested"``; the default cut is ``"greedy"``).
 
 A layer of ``b`` bits splits every cell of the layer above into at most ``2**b``
 cells. The greedy cut of a Ward tree (:mod:`svq_modules.layers`) gets close to
@@ -35,7 +35,7 @@ layers' entropy-coded cost telescopes to ``H(indices)`` at full depth whatever
 the cells are (:func:`~svq_modules.layers.layer_rates`).
 
 :func:`build_scalable` is the one entry point for every option: the nested
-layers (``cut="nested"``, default), a cut of the plain Ward tree
+layers (``cut="nested"``), a cut of the plain Ward tree
 (``"greedy"``, ``"depth"``), or the per-layer rebuild of
 :func:`~svq_modules.refine.build_refined` (``refine=True``).
 """
@@ -66,7 +66,7 @@ def build_scalable(
     bits: BitProposal = (4, 2, 2, 2, 2),
     *,
     num_layers: int | None = None,
-    cut: str = "nested",
+    cut: str = "greedy",
     refine: bool = False,
     linkage: str = "ward",
     block_size: int | None = None,
@@ -80,7 +80,7 @@ def build_scalable(
         counts, sums: per-code statistics (see :func:`~svq_modules.hierarchy.code_statistics`).
         bits: bit proposal (see :func:`~svq_modules.layers.resolve_bits`).
         num_layers: total layers L (final layer included) for non-list proposals.
-        cut: ``"nested"`` (default, :func:`build_nested`), ``"greedy"`` or
+        cut: ``"greedy"`` (default), ``"nested"`` (:func:`build_nested`) or
             ``"depth"`` (cuts of the plain Ward tree, :func:`~svq_modules.layers.build_layers`).
         refine: the per-layer rebuild of :func:`~svq_modules.refine.build_refined`
             (with ``cut="nested"`` it refines greedy cuts).

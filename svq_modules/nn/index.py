@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as svq_dist
-from ..hierarchy import LINKAGES, Hierarchy, build_hierarchy
-from ..layers import CUTS, LayerRates, LayerTables, build_layers, decode_codes, encode_indices, layer_rates, reconstruct
-from ..refine import build_refined
+from ..hierarchy import LINKAGES, Hierarchy
+from ..layers import CUTS, LayerRates, LayerTables, decode_codes, encode_indices, layer_rates, reconstruct
+from ..nested import build_scalable
 from ..validation import BitProposal, check_bit_proposal, check_bool, check_int
 
 __all__ = ["ScalableIndex", "TREE_FIELDS", "LAYER_FIELDS"]
@@ -57,7 +57,8 @@ class ScalableIndex(nn.Module):
             int, a proposal name or a callable (those three need ``num_layers``).
         num_layers: L, total layers including the final one (int >= 2).
         linkage: one of :data:`~svq_modules.hierarchy.LINKAGES`.
-        cut: one of :data:`~svq_modules.layers.CUTS`.
+        cut: one of :data:`~svq_modules.layers.CUTS`: "greedy" (default), "depth" or "nested"
+            (Lloyd-optimised nested cells, :mod:`svq_modules.nested`).
         refine: Lloyd-refine each layer inside its parent cell
             (:func:`~svq_modules.refine.build_refined`).
         block_size: distance block elements of :func:`build_hierarchy` (None = its default).
@@ -179,16 +180,10 @@ class ScalableIndex(nn.Module):
         are broadcast from rank 0, so all ranks hold identical tables.
         """
         num_layers = None if isinstance(self.bits, list) else self.num_layers
-        if self.refine:
-            hierarchy, tables = build_refined(
-                codebook, counts, sums, self.bits, num_layers=num_layers, linkage=self.linkage, cut=self.cut,
-                progress=progress,
-            )
-        else:
-            hierarchy = build_hierarchy(
-                codebook, counts, sums, linkage=self.linkage, block_size=self.block_size, progress=progress
-            )
-            tables = build_layers(hierarchy, self.bits, cut=self.cut, num_layers=num_layers)
+        hierarchy, tables = build_scalable(
+            codebook, counts, sums, self.bits, num_layers=num_layers, cut=self.cut, refine=self.refine,
+            linkage=self.linkage, block_size=self.block_size, progress=progress,
+        )
         if tables.num_layers != self.num_layers:
             raise RuntimeError(f"build_layers returned {tables.num_layers} layers, expected {self.num_layers}")
         targets = []
