@@ -1,4 +1,4 @@
-"""The default layers (``cut="nested"``, :mod:`svq_modules.nested`): exact at full
+"""The nested layers (option ``cut="nested"``, :mod:`svq_modules.nested`; the default is ``"greedy"``): exact at full
 depth, nested, cheap to send, and closer to a flat k-means than the greedy cut."""
 
 import math
@@ -156,11 +156,13 @@ def test_proposals_other_than_lists():
 
 def test_build_scalable_dispatches_every_method():
     _, codebook, _, counts, sums = _stats(k=64)
-    assert CUTS[0] == "nested"
-    h, tables = build_scalable(codebook, counts, sums, [2, 2])
+    assert set(CUTS) == {"nested", "greedy", "depth"}
+    h, tables = build_scalable(codebook, counts, sums, [2, 2], cut="nested")
     h2, tables2 = build_nested(codebook, counts, sums, [2, 2])
     assert torch.equal(tables.leaf_node, tables2.leaf_node)
     tree = build_hierarchy(codebook, counts, sums)
+    _, t = build_scalable(codebook, counts, sums, [2, 2])  # the default is the greedy cut
+    assert torch.equal(t.leaf_node, build_layers(tree, [2, 2], cut="greedy").leaf_node)
     for cut in ("greedy", "depth"):
         _, t = build_scalable(codebook, counts, sums, [2, 2], cut=cut)
         assert torch.equal(t.leaf_node, build_layers(tree, [2, 2], cut=cut).leaf_node)
