@@ -45,6 +45,7 @@ __all__ = [
     "build_constrained_hierarchy",
     "ward_clusters",
     "code_statistics",
+    "code_points",
     "LINKAGES",
 ]
 
@@ -102,6 +103,28 @@ def code_statistics(
     sums = torch.zeros(num_codes, x.shape[1], dtype=x.dtype, device=x.device)
     sums.index_add_(0, indices, x * w[:, None])
     return counts, sums
+
+
+
+def code_points(
+    codebook: Tensor, counts: Tensor | None = None, sums: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The codewords as weighted points: where their data lies and how much of it.
+
+    Args:
+        codebook: ``[K, D]`` float codewords.
+        counts, sums: per-code statistics (:func:`code_statistics`), checked as
+            :func:`build_hierarchy` checks them; without them every codeword
+            weighs 1 and stands for its data.
+
+    Returns:
+        ``(points [K, D], weights [K])`` in the codebook's dtype and device: the
+        data mean of each code (its codeword where it has no data) and its data count.
+    """
+    codebook, counts, sums, _ = _check_build_inputs(codebook, counts, sums, "ward", None)
+    has_data = counts > 0
+    points = torch.where(has_data[:, None], sums / counts.clamp_min(torch.finfo(counts.dtype).tiny)[:, None], codebook)
+    return points, counts
 
 
 @dataclass(frozen=True)

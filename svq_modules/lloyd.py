@@ -9,6 +9,7 @@ own parent, so the nesting holds by construction and no cell is created.
 
 * :func:`lloyd_within`: one level: each codeword joins the nearest centroid
   among its parent's cells.
+* :func:`seed_within`: starting cells: weighted k-means++ seeds inside each parent.
 * :func:`joint_lloyd`: two nested levels at once: a codeword picks the cell
   *and* the sub-cell inside it that together cost the least
   ``lam[0] |p - c|^2 + lam[1] |p - c'|^2``. Every iteration lowers that sum,
@@ -30,7 +31,9 @@ from torch import Tensor
 from .groups import piece_batches, split_pieces
 from .validation import check_int
 
-__all__ = ["CellTable", "OptionScanner", "cell_table", "cell_centroids", "cell_error", "lloyd_within", "joint_lloyd"]
+__all__ = [
+    "CellTable", "OptionScanner", "cell_table", "cell_centroids", "cell_error", "lloyd_within", "joint_lloyd", "seed_within",
+]
 
 _DEFAULT_BLOCK_ELEMENTS = 1 << 19
 _PIECE_ROWS = 1024
@@ -129,6 +132,64 @@ class OptionScanner:
             d.add_(self.point_sq[pos][..., None]).clamp_(min=0.0)
             out[rows] = d[row_ok]
         return out.masked_fill_(blocked[self.parent], math.inf)
+
+
+
+def seed_within(
+    points: Tensor, weights: Tensor, parents: Tensor, k: int, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Starting cells: up to ``k`` weighted greedy k-means++ seeds inside every parent, each point with its nearest.
+
+    Each seed of a parent is the best of a few candidates (``2 + ln k``, as
+    greedy k-means++ does), drawn among the parent's points with probability
+    proportional to ``weight * d^2`` (``d``: distance to the parent's nearest
+    seed so far; the first seed by weight alone), all parents at once by
+    exponential races; the candidate that leaves the least weighted error wins.
+    ``k`` steps in all, each ``O(n D)`` per candidate: ``k`` is a split factor
+    (a few to a few dozen), not the number of cells. A parent with fewer than
+    ``k`` distinct points gets fewer cells.
+
+    Args:
+        points: ``[n, D]`` float positions.
+        weights: ``[n]`` float >= 0 weights (points without weight still count a little).
+        parents: ``[n]`` int parent labels.
+        k: seeds per parent, an int >= 1.
+        generator: random generator on the points' device (default: torch's global one).
+
+    Returns:
+        ``[n]`` int64 cell labels nested in ``parents`` (``parent * k + seed``, parents numbered compactly).
+    """
+    k = check_int(k, "k", min=1)
+    _, parent = torch.unique(parents, return_inverse=True)
+    num_parents = int(parent.max()) + 1
+    w = _centroid_weights(weights, points.dtype)
+    rows = torch.arange(points.shape[0], device=points.device)
+    d2 = torch.full_like(w, math.inf)
+    label = torch.zeros_like(parent)
+    trials = 2 + int(math.log(k))
+    for s in range(k):
+        score = w if s == 0 else w * d2
+        best_dist, best_left = d2, torch.full((num_parents,), math.inf, dtype=w.dtype, device=w.device)
+        for _ in range(1 if s == 0 else trials):
+            noise = torch.rand(w.shape, dtype=w.dtype, device=w.device, generator=generator)
+            key = torch.where(score > 0, -torch.log(noise) / score, math.inf)
+            first = torch.full((num_parents,), math.inf, dtype=w.dtype, device=w.device)
+            first.scatter_reduce_(0, parent, key, "amin")
+            won = (key == first[parent]) & torch.isfinite(key)
+            seed = torch.full((num_parents,), -1, dtype=torch.long, device=w.device)
+            seed.scatter_(0, parent[won], rows[won])
+            dist = (points - points[seed.clamp_min(0)][parent]).pow(2).sum(-1)
+            dist = torch.where((seed >= 0)[parent], dist, math.inf)
+            kept = torch.minimum(d2, dist)
+            left = torch.zeros_like(best_left).index_add_(0, parent, w * torch.nan_to_num(kept, posinf=0.0))
+            left = torch.where(seed >= 0, left, math.inf)
+            better = left < best_left
+            best_left = torch.where(better, left, best_left)
+            best_dist = torch.where(better[parent], dist, best_dist)
+        closer = best_dist < d2
+        label = torch.where(closer, s, label)
+        d2 = torch.where(closer, best_dist, d2)
+    return parent * k + label
 
 
 def lloyd_within(

@@ -1,15 +1,21 @@
-"""Nested layers near the flat k-means bound (option ``cut="nested"``; the default cut is ``"greedy"``).
+"""Nested layers near the flat k-means bound: the default (``cut="nested"``) of every build.
 
 A layer of ``b`` bits splits every cell of the layer above into at most ``2**b``
-cells. The greedy cut of a Ward tree (:mod:`svq_modules.layers`) gets close to
-a flat k-means with as many cells, but the tree fixes which codewords travel
-together, so its coarse layers stay 3-15 % above the bound. Here the cells
-themselves are optimised, top-down, with count-weighted Lloyd iterations on
-the K codewords (their data means, weighted by their data counts, so the
-codewords' error is the data's error up to a constant):
+cells. The greedy cut of a Ward tree (:mod:`svq_modules.layers`, option
+``cut="greedy"``) gets close to a flat k-means with as many cells, but the tree
+fixes which codewords travel together, so its coarse layers stay 3-15 % above
+the bound. Here the cells themselves are optimised, top-down, with
+count-weighted Lloyd iterations on the K codewords (their data means, weighted
+by their data counts, so the codewords' error is the data's error up to a
+constant):
 
-1. one Ward tree (:func:`~svq_modules.hierarchy.build_hierarchy`) and its
-   greedy cut give every layer a starting partition and a reference error;
+1. a Ward tree (:func:`~svq_modules.hierarchy.build_hierarchy`) and its greedy
+   cut give every layer a starting partition and a reference error. Up to
+   :data:`MAX_START_UNITS` codewords the tree is built on the codewords; above,
+   on that many *start units* (:func:`start_units`: a top-down weighted k-means
+   of the codewords, split by at most 16 per pass), which keeps the start
+   cheap at any K (about 8 s at K=65536, D=64 on 2 CPU cores, where a Ward
+   tree of all the codewords takes 25-30 s);
 2. layer by layer, with the layer above fixed, two candidates for this layer
    and the next one are refined inside their parent cells
    (:mod:`svq_modules.lloyd`):
@@ -35,7 +41,7 @@ layers' entropy-coded cost telescopes to ``H(indices)`` at full depth whatever
 the cells are (:func:`~svq_modules.layers.layer_rates`).
 
 :func:`build_scalable` is the one entry point for every option: the nested
-layers (``cut="nested"``), a cut of the plain Ward tree
+layers (``cut="nested"``, default), a cut of the plain Ward tree
 (``"greedy"``, ``"depth"``), or the per-layer rebuild of
 :func:`~svq_modules.refine.build_refined` (``refine=True``).
 """
@@ -45,18 +51,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy, build_constrained_hierarchy, build_hierarchy, ward_clusters
+from .hierarchy import Hierarchy, build_constrained_hierarchy, build_hierarchy, code_points, ward_clusters
 from .layers import CUTS, LayerTables, build_layers, resolve_bits
-from .lloyd import cell_error, joint_lloyd, lloyd_within
+from .lloyd import cell_error, joint_lloyd, lloyd_within, seed_within
 from .refine import build_refined
 from .validation import BitProposal, check_bit_proposal, check_int
 
-__all__ = ["build_nested", "build_scalable", "nested_cells"]
+__all__ = ["MAX_START_UNITS", "build_nested", "build_scalable", "nested_cells", "start_units"]
 
 # a finer level's error weighs at most this many times the coarser one's in the joint step
 _MAX_LEVEL_WEIGHT = 16.0
 # the Ward splits of the last listed layer merge the greedy cut's cells this many bits deeper
 _UNIT_BITS = 2
+# above this many codewords the starting Ward tree is built on this many top-down k-means cells of them
+MAX_START_UNITS = 16384
+# cells a top-down split makes at most
+_SPLIT = 16
 
 
 def build_scalable(
@@ -66,7 +76,7 @@ def build_scalable(
     bits: BitProposal = (4, 2, 2, 2, 2),
     *,
     num_layers: int | None = None,
-    cut: str = "greedy",
+    cut: str = "nested",
     refine: bool = False,
     linkage: str = "ward",
     block_size: int | None = None,
@@ -80,7 +90,7 @@ def build_scalable(
         counts, sums: per-code statistics (see :func:`~svq_modules.hierarchy.code_statistics`).
         bits: bit proposal (see :func:`~svq_modules.layers.resolve_bits`).
         num_layers: total layers L (final layer included) for non-list proposals.
-        cut: ``"greedy"`` (default), ``"nested"`` (:func:`build_nested`) or
+        cut: ``"nested"`` (default, :func:`build_nested`), ``"greedy"`` or
             ``"depth"`` (cuts of the plain Ward tree, :func:`~svq_modules.layers.build_layers`).
         refine: the per-layer rebuild of :func:`~svq_modules.refine.build_refined`
             (with ``cut="nested"`` it refines greedy cuts).
@@ -124,12 +134,14 @@ def build_nested(
         counts, sums: per-code statistics (see :func:`~svq_modules.hierarchy.code_statistics`);
             without them every codeword weighs 1 and stands for its data.
         bits: bit proposal (see :func:`~svq_modules.layers.resolve_bits`),
-            resolved on the plain Ward tree; a final layer reaching every
+            resolved on the starting Ward tree; a final layer reaching every
             codeword is always added.
         num_layers: total layers L (final layer included) for non-list proposals.
-        iters: Lloyd iterations per refinement (an int >= 0; 0 keeps the greedy cut's cells).
+        iters: Lloyd iterations per refinement (an int >= 0; 0 keeps the greedy
+            cut of the plain Ward tree).
         linkage, block_size, progress: as for :func:`~svq_modules.hierarchy.build_hierarchy`.
-        unconstrained: the plain tree of the same inputs, if already built.
+        unconstrained: the plain tree of the same inputs, if already built
+            (then it is the starting tree, whatever K).
 
     Returns:
         ``(hierarchy, tables)`` on the codebook's device: layer ``l`` of the
@@ -138,23 +150,73 @@ def build_nested(
     """
     bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=False)
     iters = check_int(iters, "iters", min=0)
-    tree = unconstrained
-    if tree is None:
-        tree = build_hierarchy(codebook, counts, sums, linkage=linkage, block_size=block_size, progress=progress)
+    points, weights = code_points(codebook, counts, sums)
+    num_codes = points.shape[0]
+    if iters == 0 or num_codes < 3:
+        return build_scalable(codebook, counts, sums, bits, num_layers=num_layers, cut="greedy", linkage=linkage,
+                              block_size=block_size, progress=progress, unconstrained=unconstrained)
+    build = dict(linkage=linkage, block_size=block_size, progress=progress)
+    centred = points - points.mean(0, keepdim=True)  # precision of the expanded distances
+    if unconstrained is not None or num_codes <= MAX_START_UNITS:
+        unit, tree = None, unconstrained
+        if tree is None:
+            tree = build_hierarchy(codebook, counts, sums, **build)
+    else:
+        unit = start_units(centred, weights, MAX_START_UNITS, iters=iters)
+        tree = build_hierarchy(*_unit_statistics(codebook, points, weights, unit), **build)
     widths = resolve_bits(bits, tree, num_layers)
-    if tree.num_leaves < 3 or iters == 0:
-        return tree, build_layers(tree, widths)
     # the greedy cut, one layer deeper than listed: its finer cells are the units of the Ward splits
     greedy = build_layers(tree, [*widths, _UNIT_BITS])
-    points, weights = _leaf_points(tree, counts, sums)
-    points = points - points.mean(0, keepdim=True)  # precision of the expanded distances
-    labels = nested_cells(points, weights, list(greedy.leaf_node[: len(widths) + 1]), widths, iters=iters,
-                          block_size=block_size)
-    built = build_constrained_hierarchy(
-        codebook, counts, sums, torch.stack(labels), linkage=linkage, block_size=block_size, progress=progress
-    )
+    start = [cells if unit is None else cells[unit] for cells in greedy.leaf_node[: len(widths) + 1]]
+    labels = nested_cells(centred, weights, start, widths, iters=iters, block_size=block_size)
+    built = build_constrained_hierarchy(codebook, counts, sums, torch.stack(labels), **build)
     tables = build_layers(built.hierarchy, widths, node_level=built.node_level, constrained_layers=len(widths))
     return built.hierarchy, tables
+
+
+def start_units(points: Tensor, weights: Tensor, max_units: int, *, iters: int = 5, seed: int = 0) -> Tensor:
+    """Top-down weighted k-means of the codewords into at most ``max_units`` cells.
+
+    Every cell is split into up to ``16`` (:func:`~svq_modules.lloyd.seed_within`,
+    then :func:`~svq_modules.lloyd.lloyd_within`) until there are ``max_units``
+    cells: a few batched passes over the codewords, no distance matrix between them.
+
+    Args:
+        points: ``[K, D]`` float codeword data means.
+        weights: ``[K]`` float >= 0 data counts.
+        max_units: cells wanted, an int >= 1.
+        iters: Lloyd iterations per split.
+        seed: seed of the generator (on the points' device), so a build is reproducible.
+
+    Returns:
+        ``[K]`` int64 unit of each codeword, numbered ``0..U-1`` (``U <= max_units``).
+    """
+    max_units = check_int(max_units, "max_units", min=1)
+    generator = torch.Generator(device=points.device).manual_seed(seed)
+    cells = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    count, split = 1, min(_SPLIT, max_units)
+    while split >= 2:
+        seeded = seed_within(points, weights, cells, split, generator=generator)
+        cells = lloyd_within(seeded, cells, points, weights, iters)
+        count *= split
+        split = min(_SPLIT, max_units // count)
+    return torch.unique(cells, return_inverse=True)[1]
+
+
+def _unit_statistics(codebook: Tensor, points: Tensor, weights: Tensor, unit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(codebook [U, D], counts [U], sums [U, D])`` of groups of codewords (*units*).
+
+    Args:
+        codebook: ``[K, D]`` what a unit without data stands for: the mean of its members' rows.
+        points: ``[K, D]`` codeword data means; ``weights``: ``[K]`` data counts.
+        unit: ``[K]`` int64 unit of each codeword, ``0..U-1``.
+    """
+    num_units, dim = int(unit.max()) + 1, points.shape[1]
+    members = torch.bincount(unit, minlength=num_units).to(points.dtype)
+    plain = points.new_zeros(num_units, dim).index_add_(0, unit, codebook.to(points)) / members[:, None]
+    counts = weights.new_zeros(num_units).index_add_(0, unit, weights)
+    sums = points.new_zeros(num_units, dim).index_add_(0, unit, points * weights[:, None])
+    return plain, counts, sums
 
 
 def nested_cells(
@@ -251,26 +313,9 @@ def _ward_split(
     finer = torch.arange(num_codes, device=points.device) if units is None else units
     _, cell = torch.unique(cells, return_inverse=True)
     _, unit = torch.unique(cell * (int(finer.max()) + 1) + finer, return_inverse=True)
-    num_units = int(unit.max()) + 1
-    mass = torch.zeros(num_units, dtype=points.dtype, device=points.device).index_add_(0, unit, weights)
-    total = torch.zeros(num_units, points.shape[1], dtype=points.dtype, device=points.device)
-    plain = torch.zeros_like(total).index_add_(0, unit, points)
-    total.index_add_(0, unit, points * weights[:, None])
-    members = torch.bincount(unit, minlength=num_units).to(points.dtype)
-    centers = torch.where((mass > 0)[:, None], total / mass.clamp_min(1e-30)[:, None], plain / members[:, None])
+    plain, mass, total = _unit_statistics(points, points, weights, unit)
+    centers = torch.where((mass > 0)[:, None], total / mass.clamp_min(1e-30)[:, None], plain)
+    num_units = plain.shape[0]
     unit_cell = torch.zeros(num_units, dtype=torch.long, device=points.device).scatter_(0, unit, cell)
     clusters = ward_clusters(centers, mass, unit_cell, 1 << min(bits, 62), block_size=block_size)
     return clusters[unit]
-
-
-def _leaf_points(tree: Hierarchy, counts: Tensor | None, sums: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(points [K, D], weights [K])``: data means (codewords where no data) and data counts (1 without counts)."""
-    num_codes = tree.num_leaves
-    points = tree.center[:num_codes].clone()
-    if counts is None:
-        return points, torch.ones(num_codes, dtype=points.dtype, device=points.device)
-    weights = tree.count[:num_codes].to(points.dtype)
-    if sums is not None:
-        has_data = weights > 0
-        points[has_data] = sums.to(points)[has_data] / weights[has_data, None]
-    return points, weights

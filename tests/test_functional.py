@@ -272,7 +272,7 @@ def test_build_layers_tree_matches_base_layer():
     is_root = torch.ones(k + len(merges), dtype=torch.bool)
     is_root[merged] = False
     roots = centers[is_root]
-    base = encode_layers(x, q, cb, [4, 2])[0].cluster_centers
+    base = encode_layers(x, q, cb, [4, 2], cut="greedy")[0].cluster_centers
     key = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
     torch.testing.assert_close(key(roots), key(base))
 

@@ -1,5 +1,5 @@
-"""The nested layers (option ``cut="nested"``, :mod:`svq_modules.nested`; the default is ``"greedy"``): exact at full
-depth, nested, cheap to send, and closer to a flat k-means than the greedy cut."""
+"""The nested layers (the default ``cut="nested"``, :mod:`svq_modules.nested`): exact at full depth, nested,
+cheap to send, and closer to a flat k-means than the greedy cut of the Ward tree (option ``cut="greedy"``)."""
 
 import math
 
@@ -7,6 +7,7 @@ import mixtures
 import pytest
 import torch
 
+from svq_modules import nested
 from svq_modules.hierarchy import build_hierarchy, code_statistics
 from svq_modules.layers import (
     CUTS,
@@ -17,8 +18,8 @@ from svq_modules.layers import (
     reconstruct,
     symbol_bits,
 )
-from svq_modules.lloyd import cell_error, joint_lloyd
-from svq_modules.nested import build_nested, build_scalable
+from svq_modules.lloyd import cell_error, joint_lloyd, seed_within
+from svq_modules.nested import build_nested, build_scalable, start_units
 from svq_modules.refine import build_refined
 
 
@@ -160,9 +161,10 @@ def test_build_scalable_dispatches_every_method():
     h, tables = build_scalable(codebook, counts, sums, [2, 2], cut="nested")
     h2, tables2 = build_nested(codebook, counts, sums, [2, 2])
     assert torch.equal(tables.leaf_node, tables2.leaf_node)
+    _, t = build_scalable(codebook, counts, sums, [2, 2])  # the default is the nested layers
+    assert torch.equal(t.leaf_node, tables2.leaf_node)
     tree = build_hierarchy(codebook, counts, sums)
-    _, t = build_scalable(codebook, counts, sums, [2, 2])  # the default is the greedy cut
-    assert torch.equal(t.leaf_node, build_layers(tree, [2, 2], cut="greedy").leaf_node)
+    assert not torch.equal(t.leaf_node, build_layers(tree, [2, 2], cut="greedy").leaf_node)
     for cut in ("greedy", "depth"):
         _, t = build_scalable(codebook, counts, sums, [2, 2], cut=cut)
         assert torch.equal(t.leaf_node, build_layers(tree, [2, 2], cut=cut).leaf_node)
@@ -194,3 +196,66 @@ def test_joint_lloyd_lowers_the_weighted_error_and_keeps_parents():
         assert pairs.shape[1] == child.unique().numel()
     # at most as many cells per parent as before
     assert c1.unique().numel() <= coarse.unique().numel() and c2.unique().numel() <= fine.unique().numel()
+
+
+def test_seed_within_keeps_parents_and_separates_blobs():
+    g = torch.Generator().manual_seed(0)
+    # parent 0: two far-apart blobs; parent 1: only two distinct points (repeated)
+    blobs = torch.cat([torch.randn(50, 2, generator=g, dtype=torch.float64) * 0.1,
+                       torch.randn(50, 2, generator=g, dtype=torch.float64) * 0.1 + 10.0])
+    pair = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64).repeat(10, 1)
+    points = torch.cat([blobs, pair])
+    parents = torch.cat([torch.zeros(100), torch.ones(20)]).long() * 7  # any labels
+    weights = torch.rand(120, generator=g, dtype=torch.float64) + 0.5
+    cells = seed_within(points, weights, parents, 2, generator=torch.Generator().manual_seed(1))
+    assert cells.dtype == torch.long and cells.shape == (120,)
+    assert not bool(torch.isin(cells[:100], cells[100:]).any())  # cells never straddle parents
+    assert cells[:50].unique().numel() == 1 and cells[50:100].unique().numel() == 1  # one cell per blob
+    assert int(cells[0]) != int(cells[50])
+    four = seed_within(points, weights, parents, 4, generator=torch.Generator().manual_seed(1))
+    assert four[100:].unique().numel() == 2  # two distinct points: two cells, not four
+    assert torch.equal(four[100::2].unique(), four[100:101])  # equal points share their cell
+    with pytest.raises(ValueError, match="k"):
+        seed_within(points, weights, parents, 0)
+
+
+def test_start_units_cover_every_codeword_with_at_most_max_units():
+    _, codebook, _, counts, sums = _stats(k=200, d=4)
+    points = sums / counts.clamp_min(1)[:, None]
+    units = start_units(points, counts, 24)
+    assert units.shape == (200,) and units.dtype == torch.long
+    assert torch.equal(units.unique(), torch.arange(int(units.max()) + 1))  # numbered 0..U-1
+    assert 16 <= units.unique().numel() <= 24
+    assert torch.equal(units, start_units(points, counts, 24))  # reproducible
+
+
+def test_large_codebooks_start_from_units_without_a_tree_of_all_codewords(monkeypatch):
+    """Above MAX_START_UNITS codewords the starting Ward tree is built on start units: layers still
+    nested and exact at full depth, and about as good as with a tree of all codewords."""
+    x, codebook, idx, counts, sums = _stats(seed=5, n=6000, k=256, d=3)
+    bits = [3, 2, 1]
+    h_full, full = build_nested(codebook, counts, sums, bits)
+    sizes = []
+    real_build = nested.build_hierarchy
+
+    def recording(cb, *args, **kwargs):
+        sizes.append(cb.shape[0])
+        return real_build(cb, *args, **kwargs)
+
+    monkeypatch.setattr(nested, "MAX_START_UNITS", 64)
+    monkeypatch.setattr(nested, "build_hierarchy", recording)
+    h, tables = build_nested(codebook, counts, sums, bits)
+    assert sizes and max(sizes) <= 64  # no tree of all 256 codewords
+    assert torch.equal(reconstruct(h, tables, idx, tables.num_layers), codebook[idx])
+    _check_nested(h, tables, bits)
+    for layer in range(len(bits)):  # 8, 32, 64 cells
+        ours = float(((x - reconstruct(h, tables, idx, layer + 1)) ** 2).mean())
+        reference = float(((x - reconstruct(h_full, full, idx, layer + 1)) ** 2).mean())
+        assert ours <= 1.1 * reference, (layer, ours, reference)
+    # codes without data and missing statistics take the same path
+    idx2 = torch.where(idx % 5 == 0, idx + 1, idx).clamp_max(255)
+    counts2, sums2 = code_statistics(x, idx2, 256)
+    for c, s in ((counts2, sums2), (None, None)):
+        h2, t2 = build_nested(codebook, c, s, bits)
+        assert torch.equal(reconstruct(h2, t2, idx2, t2.num_layers), codebook[idx2])
+        _check_nested(h2, t2, bits)

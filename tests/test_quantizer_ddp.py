@@ -6,6 +6,7 @@ import datetime
 import inspect
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -81,7 +82,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_two_ranks_end_identical(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300  # a lost rank fails the test instead of hanging the suite
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two DDP ranks did not finish within 300 s")
     for kind in ("bare", "ddp"):
         s0 = torch.load(tmp_path / f"{kind}0.pt")
         s1 = torch.load(tmp_path / f"{kind}1.pt")

@@ -119,7 +119,7 @@ def test_scalable_vq_refine_nests_decodes_exactly_and_beats_greedy():
 
     def trained(refine):
         torch.manual_seed(0)
-        q = ScalableVQ(2, 64, [2, 2], refine=refine).double()
+        q = ScalableVQ(2, 64, [2, 2], cut="greedy", refine=refine).double()  # refine: of greedy cuts
         q.train()
         for _ in range(3):
             q(x[torch.randperm(n)])
@@ -166,7 +166,7 @@ def test_functional_encode_layers_refine_nests_decodes_exactly_and_beats_greedy(
     first = torch.searchsorted(idx, torch.arange(64))  # one vector of each code
     errors, labels = {}, {}
     for refine in (True, False):
-        layers = encode_layers(x, idx, codebook, [2, 2], refine=refine)
+        layers = encode_layers(x, idx, codebook, [2, 2], cut="greedy", refine=refine)
         assert len(layers) == 3
         context, decoded = None, []
         for layer in layers:
@@ -183,6 +183,14 @@ def test_functional_encode_layers_refine_nests_decodes_exactly_and_beats_greedy(
     gain = first_lloyd_gain(codebook, mult.double(), labels[False][1], labels[False][0]) / x.shape[0]
     assert gain > 1e-4
     assert errors[True][1] <= errors[False][1] - gain + 1e-9, (errors, gain)
+    # the default layers (nested cells) are Lloyd-optimised too: no worse than the greedy cut at either layer
+    context, default = None, []
+    for layer in encode_layers(x, idx, codebook, [2, 2])[:2]:
+        rec, context = decode_layer(layer, context)
+        default.append(float(((rec - x) ** 2).sum(1).mean()))
+    for d, g in zip(default, errors[False]):
+        assert d <= g + 1e-9, (default, errors)
+    assert default[1] <= errors[False][1] - gain + 1e-9, (default, errors, gain)
 
 
 def test_build_refined_checks_arguments_before_building():

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from ..hierarchy import Hierarchy, build_hierarchy, code_statistics
-from ..layers import LayerTables, symbol_bits
-from ..refine import build_refined
+from ..layers import CUTS, TREE_CUTS, LayerTables, symbol_bits
+from ..nested import build_scalable
 from ..validation import check_bool, check_int
 from .bits import NBitsProposal, resolve_tables
 from .inputs import check_inputs
@@ -73,7 +73,7 @@ def encode_scalable(
     n_bit_baselayer: int | Sequence[int] | None = None,
     n_bits_proposal: NBitsProposal | None = None,
     *,
-    cut: str = "greedy",
+    cut: str = "nested",
     linkage: str = "ward",
     num_layers: int | None = None,
     n_bit_limit: int | None = None,
@@ -95,11 +95,16 @@ def encode_scalable(
         counts = torch.bincount(indices, minlength=codebook.shape[0]).to(codebook.dtype)
         sums = None
     hierarchy = build_hierarchy(codebook, counts, sums, linkage=linkage, block_size=block_size, progress=progress)
-    tables = resolve_tables(hierarchy, indices, n_bit_baselayer, n_bits_proposal, cut, num_layers)
-    if refine:  # same widths, Lloyd-refined nested layers (svq_modules.refine)
+    if cut not in CUTS:
+        raise ValueError(f"cut must be one of {CUTS}, got {cut!r}")
+    # the widths come from the seed's conventions on the plain tree (nested cells start from its greedy cut)
+    tables = resolve_tables(hierarchy, indices, n_bit_baselayer, n_bits_proposal, cut if cut in TREE_CUTS else "greedy",
+                            num_layers)
+    if refine or cut not in TREE_CUTS:  # same widths, cells optimised (svq_modules.nested, svq_modules.refine)
         widths = tables.widths[:-1].tolist() or tables.widths.tolist()
-        hierarchy, tables = build_refined(
-            codebook, counts, sums, widths, linkage=linkage, cut=cut, progress=progress, unconstrained=hierarchy
+        hierarchy, tables = build_scalable(
+            codebook, counts, sums, widths, linkage=linkage, cut=cut, refine=refine, progress=progress,
+            unconstrained=hierarchy,
         )
     if limit is not None:
         worst = int(symbol_bits(tables).sum(0).max())
@@ -115,7 +120,7 @@ def encode_layers(
     n_bit_baselayer: int | Sequence[int] | None = None,
     n_bits_proposal: NBitsProposal | None = None,
     *,
-    cut: str = "greedy",
+    cut: str = "nested",
     linkage: str = "ward",
     num_layers: int | None = None,
     n_bit_limit: int | None = None,
@@ -165,8 +170,9 @@ def encode_layers(
               or core callable ``f(hierarchy, num_listed)``: these choose the
               base width too (leave ``n_bit_baselayer`` unset; see
               :func:`svq_modules.layers.resolve_bits`).
-        cut: ``"greedy"`` (best cut of each subtree, default) or ``"depth"``
-            (the seed's fixed-depth cut).
+        cut: ``"nested"`` (default: each layer's cells Lloyd-optimised inside
+            their parents, :mod:`svq_modules.nested`), ``"greedy"`` (best cut of
+            each subtree of the Ward tree) or ``"depth"`` (the seed's fixed-depth cut).
         linkage: ``"ward"`` (default) or ``"centroid"``.
         num_layers: total number of layers (final included) for named / core
             proposals, or with an int proposal.

@@ -57,8 +57,8 @@ class ScalableIndex(nn.Module):
             int, a proposal name or a callable (those three need ``num_layers``).
         num_layers: L, total layers including the final one (int >= 2).
         linkage: one of :data:`~svq_modules.hierarchy.LINKAGES`.
-        cut: one of :data:`~svq_modules.layers.CUTS`: "greedy" (default), "depth" or "nested"
-            (Lloyd-optimised nested cells, :mod:`svq_modules.nested`).
+        cut: one of :data:`~svq_modules.layers.CUTS`: "nested" (default: Lloyd-optimised nested
+            cells, :mod:`svq_modules.nested`), "greedy" or "depth" (cuts of the plain Ward tree).
         refine: Lloyd-refine each layer inside its parent cell
             (:func:`~svq_modules.refine.build_refined`).
         block_size: distance block elements of :func:`build_hierarchy` (None = its default).
@@ -83,7 +83,7 @@ class ScalableIndex(nn.Module):
         num_layers: int | None = None,
         *,
         linkage: str = "ward",
-        cut: str = "greedy",
+        cut: str = "nested",
         refine: bool = False,
         block_size: int | None = None,
     ) -> None:

@@ -283,7 +283,7 @@ class ScalableVQ(nn.Module):
         self, dim: int, codebook_size: int, bits: BitProposal = (4, 2, 2, 2, 2), *, num_layers: int | None = None,
         decay: float = 0.99, eps: float = 1e-5, commitment_weight: float = 0.25, kmeans_init: bool = True,
         kmeans_iters: int = 10, threshold_ema_dead_code: float = 2.0, learnable_codebook: bool = False,
-        ema_update: bool = True, channel_first: bool = False, linkage: str = "ward", cut: str = "greedy",
+        ema_update: bool = True, channel_first: bool = False, linkage: str = "ward", cut: str = "nested",
         refine: bool = False, sync_distributed: bool = True, dead_code_sampling: str = "distortion",
         relocate_codes: bool = True, relocate_every: int = 4, block_size: int | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
