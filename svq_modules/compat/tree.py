@@ -54,7 +54,8 @@ def build_layers(
     bottleneck split gain from the root (then by depth), the same order the
     core's ``"greedy"`` cut uses for the base layer, so with
     ``final_clusters = 2**b0`` the roots here are the base layer of
-    :func:`~svq_modules.compat.encode_layers`.
+    :func:`~svq_modules.compat.encode_layers` with ``cut="greedy"`` (its
+    default nested layers move the cells, :mod:`svq_modules.nested`).
 
     Args:
         cluster_centers: ``[K, D]`` float codebook (empty clusters allowed);
