@@ -55,7 +55,7 @@ JPEG_QUALITIES = (1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90)
 WEBP_QUALITIES = (0, 2, 5, 10, 20, 30, 40, 50, 60, 75, 90)
 FLAT_BITS = (4, 6, 8)
 MSSSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363)  # the first 4 scales of Wang et al.'s weights
-#: settings of the peers' training that are not the reference model's coarse-layer option (the cache key)
+#: settings every trained model of the benchmark shares (part of the cache key)
 DATA_CONFIGS = ("configs/data/default_images.yaml", "configs/trainer/default.yaml", "configs/model/quantizer/default.yaml")
 MODEL_CONFIG = "configs/model/autoencoder.yaml"
 
@@ -151,7 +151,8 @@ def _to_pixels(y: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def config_key(steps: int, *extra: Any) -> str:
     """Cache key: data, trainer and quantizer configs, the model's architecture and optimizer settings, steps, ``extra``.
 
-    The reference model's ``coarse_*`` settings are left out (peers are trained without them).
+    Settings named ``coarse_*`` (a coarse-layer training option the reference model once had) are
+    left out, so that the keys of models trained before it was dropped stay valid.
     """
     from omegaconf import OmegaConf
 
@@ -414,7 +415,7 @@ def train_peer(name: str, steps: int) -> Any:
     """Train (or load from the cache) one peer by name: ``flat<b>``, ``rvq`` or ``compressai:<lambda>``."""
     if name.startswith("flat") and name[4:].isdigit():
         b = int(name[4:])
-        return train_run(name, steps, [f"model.codebook_size={2**b}", f"bits=[{b // 2}]", "++model.coarse_weight=0"])
+        return train_run(name, steps, [f"model.codebook_size={2**b}", f"bits=[{b // 2}]"])
     if name == "rvq":
         return train_rvq(steps)
     if name.startswith("compressai:"):
