@@ -8,7 +8,8 @@ the way to its leaf, so decoding all layers gives back the exact codeword.
 
 Cuts:
 
-* ``"greedy"`` (default): inside each node of the previous layer, repeatedly
+* ``"greedy"`` (default here; the package's default layers are the nested
+  cells of :mod:`svq_modules.nested`, cut with ``node_level``): inside each node of the previous layer, repeatedly
   open the node whose split removes the most squared error (its Ward gain),
   until ``2**b`` nodes. Vectorized as a rank within the previous-layer group of
   the bottleneck gain from the group's root.
