@@ -121,7 +121,10 @@ def code_points(
         ``(points [K, D], weights [K])`` in the codebook's dtype and device: the
         data mean of each code (its codeword where it has no data) and its data count.
     """
+    given_sums = sums is not None
     codebook, counts, sums, _ = _check_build_inputs(codebook, counts, sums, "ward", None)
+    if not given_sums:  # the codewords themselves (no rounding through codeword * count / count)
+        return codebook.clone(), counts
     has_data = counts > 0
     points = torch.where(has_data[:, None], sums / counts.clamp_min(torch.finfo(counts.dtype).tiny)[:, None], codebook)
     return points, counts
@@ -610,15 +613,7 @@ def _concurrent_phases(state: MergeState, constraints: Tensor, bar: Any) -> None
     log: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def merge(ids: Tensor) -> int:
-        safe = ids.clamp_min(0)
-        g, s, t, cost = _mutual_pairs(ids, mu[safe], w[safe], state.linkage == "ward", 1)
-        a, b = ids[g, s], ids[g, t]
-        wa, wb = w[a], w[b]
-        mu[a] = (wa[:, None] * mu[a] + wb[:, None] * mu[b]) / (wa + wb)[:, None]
-        w[a] = wa + wb
-        link[b] = a
-        ids[g, t] = -1
-        log.append((a, b, cost))
+        log.append(_merge_pairs(ids, mu, w, link, state.linkage == "ward", 1))
         return 0
 
     _, compact, counts = torch.unique(group, return_inverse=True, return_counts=True)
@@ -634,11 +629,7 @@ def _replay_phases(
     costs), ``link`` (the item each one merged into), ``offsets`` (first item of each phase),
     ``groups`` (per phase, the group of each of its items; group j holds item j of the next)."""
     rows = len(groups) - 1
-    while True:
-        jumped = link[link]
-        if torch.equal(jumped, link):
-            break
-        link = jumped
+    link = _merged_into(link)
     node = torch.full_like(link, -1)
     node[: state.num_codes] = torch.arange(state.num_codes, device=link.device)
     bounds = offsets.tolist()
@@ -767,23 +758,33 @@ def _dense_clusters(points: Tensor, counts: Tensor, group: Tensor, sizes: Tensor
     link = torch.arange(n, device=points.device)  # the item each one was merged into
 
     def merge(ids: Tensor) -> int:
-        safe = ids.clamp_min(0)
-        g, s, t, _ = _mutual_pairs(ids, mu[safe], w[safe], True, max_clusters)
-        a, b = ids[g, s], ids[g, t]
-        wa, wb = w[a], w[b]
-        mu[a] = (wa[:, None] * mu[a] + wb[:, None] * mu[b]) / (wa + wb)[:, None]
-        w[a] = wa + wb
-        link[b] = a
-        ids[g, t] = -1
-        return a.numel()
+        return _merge_pairs(ids, mu, w, link, True, max_clusters)[0].numel()
 
     _dense_rounds(_group_tables(torch.arange(n, device=points.device), group, sizes), max_clusters, merge)
-    while True:  # every item to the one it finally merged into
-        jumped = link[link]
-        if torch.equal(jumped, link):
-            break
-        link = jumped
-    return torch.unique(link, return_inverse=True)[1]
+    return torch.unique(_merged_into(link), return_inverse=True)[1]
+
+
+def _merge_pairs(
+    ids: Tensor, mu: Tensor, w: Tensor, link: Tensor, ward: bool, max_roots: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One dense round on items, in place: the pairs :func:`_mutual_pairs` picks in groups
+    ``ids [G, S]`` merge; the kept item ``a`` takes the pair's centroid (``mu [n, D]``) and
+    weight (``w [n]``), ``link[b] = a``, and ``b`` leaves ``ids``. Returns ``(a, b, cost)``."""
+    safe = ids.clamp_min(0)
+    g, s, t, cost = _mutual_pairs(ids, mu[safe], w[safe], ward, max_roots)
+    a, b = ids[g, s], ids[g, t]
+    wa, wb = w[a], w[b]
+    mu[a] = (wa[:, None] * mu[a] + wb[:, None] * mu[b]) / (wa + wb)[:, None]
+    w[a] = wa + wb
+    link[b] = a
+    ids[g, t] = -1
+    return a, b, cost
+
+
+def _merged_into(link: Tensor) -> Tensor:
+    """``[n]`` the item each one finally merged into, from ``link [n]`` (the item it merged into, itself if none)."""
+    self_linked = link == torch.arange(link.numel(), device=link.device)
+    return scan_to_marked(torch.where(self_linked, -1, link), self_linked)[0]
 
 
 def _merge_round(state: MergeState, level: int, max_roots: int = 1) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy, build_constrained_hierarchy
+from .hierarchy import Hierarchy, build_constrained_hierarchy, code_points
 from .layers import LayerTables, build_layers, resolve_bits
 from .lloyd import lloyd_within
 from .validation import BitProposal, check_bit_proposal, check_int
@@ -72,12 +72,8 @@ def build_refined(
         hierarchy, level = unconstrained, None
     widths = resolve_bits(bits, hierarchy, num_layers, cut)
     num_codes = codebook.shape[0]
-    leaf_count = hierarchy.count[:num_codes]
-    points = hierarchy.center[:num_codes].clone()
-    if sums is not None and counts is not None:
-        has_data = leaf_count > 0
-        points[has_data] = sums.to(points)[has_data] / leaf_count[has_data, None]
-    weights = leaf_count.clamp_min(1e-6) if counts is not None else torch.ones_like(leaf_count)
+    points, weights = code_points(codebook, counts, sums)
+    weights = weights.clamp_min(1e-6)
     labels: list[Tensor] = []
     for layer in range(len(widths)):
         tables = build_layers(hierarchy, widths[: layer + 1], cut=cut, node_level=level, constrained_layers=layer)

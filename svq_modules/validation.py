@@ -15,6 +15,7 @@ __all__ = [
     "BitProposal",
     "check_int",
     "check_bool",
+    "check_choice",
     "check_finite",
     "check_codebook",
     "check_indices",
@@ -56,6 +57,21 @@ def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
     return bool(value)
+
+
+def check_choice(value: Any, name: str, allowed: Sequence[Any]) -> Any:
+    """The one check of a setting that takes one of a few values: ``value`` if it is in ``allowed``.
+
+    Raises ``ValueError`` naming the argument, the allowed values and the value
+    (also for unhashable values, which are never allowed).
+    """
+    try:
+        ok = value in allowed
+    except TypeError:  # e.g. a list against the keys of a dict
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
 
 
 def _int_range(lo: int | None, hi: int | None) -> str:

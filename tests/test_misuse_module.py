@@ -199,6 +199,26 @@ def test_unknown_coding_or_embed_centers_name():
         vq.compress(x, embed_centers="float64")
     with pytest.raises(ValueError, match="embed_centers must be one of"):
         vq.compress(x, embed_centers=True)
+    with pytest.raises(ValueError, match=r"embed_centers must be one of .*, got \['float32'\]"):
+        vq.compress(x, embed_centers=["float32"])  # unhashable: a clear error, not a TypeError
+
+
+def test_unknown_cut_or_linkage_is_refused_before_any_build(monkeypatch):
+    from svq_modules.compat import encode as compat_encode
+    from svq_modules.compat.functional import encode_layers
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the tree was built before the arguments were checked")
+
+    monkeypatch.setattr(compat_encode, "build_hierarchy", no_build)
+
+    with pytest.raises(ValueError, match=r"cut must be one of \('nested', 'greedy', 'depth'\), got 'best'"):
+        ScalableVQ(3, 16, [2, 1], cut="best")
+    with pytest.raises(ValueError, match="linkage must be one of"):
+        ScalableVQ(3, 16, [2, 1], linkage="single")
+    x = torch.randn(50, 3)
+    with pytest.raises(ValueError, match="cut must be one of"):
+        encode_layers(x, torch.zeros(50, dtype=torch.long), x[:4], [1, 1], cut="best")
 
 
 def test_float_codes_or_indices():

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..hierarchy import Hierarchy
 from ..layers import LayerTables
-from ..validation import check_int
+from ..validation import check_choice, check_int
 from .chunk import (
     CODINGS,
     EMBED_DTYPES,
@@ -84,8 +84,8 @@ def _check_options(coding: object, embed_centers: object, entropy_step: object) 
     """One-line ``ValueError`` for an unknown coding / embed type / step; returns the step as an int (or None)."""
     if not isinstance(coding, str) or coding not in CODINGS:
         raise ValueError(f"unknown coding {coding!r}; expected one of {CODINGS}")
-    if embed_centers is not None and not (isinstance(embed_centers, str) and embed_centers in EMBED_DTYPES):
-        raise ValueError(f"embed_centers must be one of {list(EMBED_DTYPES)}, got {embed_centers!r}")
+    if embed_centers is not None:
+        check_choice(embed_centers, "embed_centers", list(EMBED_DTYPES))
     return None if entropy_step is None else check_int(entropy_step, "entropy_step", min=1, max=MAX_STEP)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..hierarchy import Hierarchy, build_hierarchy, code_statistics
 from ..layers import CUTS, TREE_CUTS, LayerTables, symbol_bits
 from ..nested import build_scalable
-from ..validation import check_bool, check_int
+from ..validation import check_bool, check_choice, check_int
 from .bits import NBitsProposal, resolve_tables
 from .inputs import check_inputs
 from .records import EncodedLayers, Layer
@@ -87,6 +87,7 @@ def encode_scalable(
     :class:`~svq_modules.compat.records.EncodedLayers` ``(layers, hierarchy, tables)``.
     """
     progress, refine = check_bool(progress, "progress"), check_bool(refine, "refine")
+    cut = check_choice(cut, "cut", CUTS)
     data, indices, codebook = check_inputs(data, quantized_data, cluster_centers)
     limit = None if n_bit_limit is None else check_int(n_bit_limit, "n_bit_limit", min=1)
     if data is not None:
@@ -95,8 +96,6 @@ def encode_scalable(
         counts = torch.bincount(indices, minlength=codebook.shape[0]).to(codebook.dtype)
         sums = None
     hierarchy = build_hierarchy(codebook, counts, sums, linkage=linkage, block_size=block_size, progress=progress)
-    if cut not in CUTS:
-        raise ValueError(f"cut must be one of {CUTS}, got {cut!r}")
     # the widths come from the seed's conventions on the plain tree (nested cells start from its greedy cut)
     tables = resolve_tables(hierarchy, indices, n_bit_baselayer, n_bits_proposal, cut if cut in TREE_CUTS else "greedy",
                             num_layers)

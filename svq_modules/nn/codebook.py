@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import distributed as svq_dist
 from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
-from ..validation import check_bool, check_int
+from ..validation import check_bool, check_choice, check_int
 
 __all__ = ["EMACodebook", "DEAD_CODE_SAMPLINGS", "kmeans_plus_plus"]
 
@@ -197,8 +197,7 @@ class EMACodebook(nn.Module):
         for name, value in (("eps", eps), ("threshold_ema_dead_code", threshold_ema_dead_code)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-        if dead_code_sampling not in DEAD_CODE_SAMPLINGS:
-            raise ValueError(f"dead_code_sampling must be one of {DEAD_CODE_SAMPLINGS}, got {dead_code_sampling!r}")
+        check_choice(dead_code_sampling, "dead_code_sampling", DEAD_CODE_SAMPLINGS)
         self.decay = float(decay)
         self.eps = float(eps)
         self.kmeans_init = check_bool(kmeans_init, "kmeans_init")

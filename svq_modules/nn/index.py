@@ -20,7 +20,7 @@ from .. import distributed as svq_dist
 from ..hierarchy import LINKAGES, Hierarchy
 from ..layers import CUTS, LayerRates, LayerTables, decode_codes, encode_indices, layer_rates, reconstruct
 from ..nested import build_scalable
-from ..validation import BitProposal, check_bit_proposal, check_bool, check_int
+from ..validation import BitProposal, check_bit_proposal, check_bool, check_choice, check_int
 
 __all__ = ["ScalableIndex", "TREE_FIELDS", "LAYER_FIELDS"]
 
@@ -92,12 +92,8 @@ class ScalableIndex(nn.Module):
         self.dim = check_int(dim, "dim", min=1)
         self.bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=True)
         self._num_layers = int(num_layers)
-        if linkage not in LINKAGES:
-            raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
-        if cut not in CUTS:
-            raise ValueError(f"cut must be one of {CUTS}, got {cut!r}")
-        self.linkage = linkage
-        self.cut = cut
+        self.linkage = check_choice(linkage, "linkage", LINKAGES)
+        self.cut = check_choice(cut, "cut", CUTS)
         self.refine = check_bool(refine, "refine")
         self.block_size = None if block_size is None else check_int(block_size, "block_size", min=1)
         k, m = self.num_codes, 2 * self.num_codes - 1

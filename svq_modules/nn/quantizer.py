@@ -66,7 +66,16 @@ from ..coding import CODINGS, BitstreamError, compress_layers, decompress_layers
 from ..hierarchy import Hierarchy, code_statistics
 from ..layers import LayerRates, LayerTables
 from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
-from ..validation import BitProposal, check_bit_proposal, check_bool, check_finite, check_indices, check_int, check_vectors
+from ..validation import (
+    BitProposal,
+    check_bit_proposal,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_indices,
+    check_int,
+    check_vectors,
+)
 from .codebook import EMACodebook
 from .index import ScalableIndex
 
@@ -570,10 +579,8 @@ class ScalableVQ(nn.Module):
 
     def _coding_options(self, x: Tensor, coding: Any, num_layers: Any, embed_centers: Any) -> dict[str, Any]:
         """Check the arguments of :meth:`compress` (before any work) and the module's state."""
-        if coding not in CODINGS:
-            raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}")
-        if embed_centers not in EMBED_CENTERS:
-            raise ValueError(f"embed_centers must be one of {list(EMBED_CENTERS)}, got {embed_centers!r}")
+        check_choice(coding, "coding", CODINGS)
+        check_choice(embed_centers, "embed_centers", list(EMBED_CENTERS))
         num_layers = None if num_layers is None else self._check_layers(num_layers)
         _check_input(x, self.dim, self.channel_first)
         self.index.require_built()
