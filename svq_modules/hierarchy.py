@@ -64,6 +64,8 @@ _MIN_BLOCK_ROWS = 64
 _DENSE_PHASE_ELEMENTS = 1 << 24
 # ... and no group is larger than this (larger ones reuse work across rounds with candidate lists)
 _DENSE_MAX_GROUP = 512
+# a phase with candidate lists goes on in dense rounds once this many roots are left
+_DENSE_SWITCH = 256
 # small groups share one padded table up to this many pair costs, else one table per size class
 _DENSE_ONE_TABLE = 1 << 14
 
@@ -546,6 +548,12 @@ def _merge_phase(state: MergeState, level: int, leaf_label: Tensor | None, bar: 
             break  # every label of this phase is down to max_roots roots
         if bar is not None:
             bar.update(merged)
+        active = state.active()
+        if active.numel() <= min(_DENSE_SWITCH, _DENSE_MAX_GROUP):  # few roots left: padded rounds, no lists
+            groups = _small_groups(state, active)
+            if groups is not None:
+                _dense_phase(state, level, groups, max_roots, bar)
+                return
 
 
 def _size_class(sizes: Tensor) -> Tensor:

@@ -123,6 +123,24 @@ def test_unit_weight_ward_matches_scipy():
     torch.testing.assert_close(torch.sort((2 * h.merge_cost).sqrt()).values, torch.sort(torch.from_numpy(Z[:, 2])).values)
 
 
+@pytest.mark.parametrize("switch", [0, 64, 512])
+def test_tree_does_not_depend_on_when_the_build_turns_to_dense_rounds(switch, monkeypatch):
+    """The candidate-list rounds hand over to padded dense rounds once few roots are left;
+    where that happens (never, at 64 or at 512 roots) must not change the tree."""
+    import svq_modules.hierarchy as hierarchy_module
+
+    g = torch.Generator().manual_seed(11)
+    K, D = 700, 3
+    counts = torch.randint(1, 40, (K,), generator=g).double()
+    sums = torch.randn(K, D, generator=g, dtype=torch.float64) * counts[:, None]
+    codebook = sums / counts[:, None]
+    default = build_hierarchy(codebook, counts, sums)
+    monkeypatch.setattr(hierarchy_module, "_DENSE_SWITCH", switch)
+    other = build_hierarchy(codebook, counts, sums)
+    assert set(m for m, _ in tree_merges(other)) == set(m for m, _ in tree_merges(default))
+    torch.testing.assert_close(torch.sort(other.merge_cost).values, torch.sort(default.merge_cost).values)
+
+
 def test_large_k_is_blocked_and_valid():
     g = torch.Generator().manual_seed(5)
     K = 1500

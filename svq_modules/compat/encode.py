@@ -32,15 +32,18 @@ def layers_from_tables(hierarchy: Hierarchy, tables: LayerTables, indices: Tenso
     num_codes = tables.num_leaves
     num_vectors = indices.shape[0]
     device = tables.members.device
-    symbols = tables.leaf_symbol[:, indices.to(device)]  # [L, N]
+    indices = indices.to(device)
+    symbols = tables.leaf_symbol[:, indices]  # [L, N]
+    # layers where every code in use has a symbol: no vector to drop
+    present = torch.bincount(indices, minlength=num_codes) > 0
+    complete = ((tables.leaf_symbol >= 0) | ~present).all(1).tolist()
     prev_nodes = torch.tensor([hierarchy.root], device=device)
     out: list[Layer] = []
     for layer in range(tables.num_layers):
         row = tables.members[layer]
         nodes = row[row >= 0]
         width = int(tables.widths[layer])
-        codes = symbols[layer]
-        codes = codes[codes >= 0]
+        codes = symbols[layer] if complete[layer] else symbols[layer][symbols[layer] >= 0]
         size = tables.group_size[layer, prev_nodes]
         offset = torch.where(size > 0, tables.group_start[layer, prev_nodes], 0)
         if layer == 0 and nodes.numel() == 0:
