@@ -20,7 +20,9 @@ is a loop of rounds (:func:`_merge_round`): merge all mutually-nearest pairs
 roots (:func:`_update_survivors`) and of the new nodes
 (:func:`_inherit_candidates`). Distances come from the pure blocked kernels
 of :mod:`svq_modules.linkage`; a constrained phase compares each node with its
-own label's nodes only. :func:`ward_clusters` runs one such phase stopped
+own label's nodes only. Small groups, and any phase once few roots are left
+(``_DENSE_SWITCH``), merge in padded dense rounds instead (:func:`_dense_phase`:
+every pair cost of a group in one matrix per round, no candidate lists). :func:`ward_clusters` runs one such phase stopped
 early (at most m clusters per label), for the nested layers
 (:mod:`svq_modules.nested`).
 """

@@ -14,7 +14,7 @@ constant):
    :data:`MAX_START_UNITS` codewords the tree is built on the codewords; above,
    on that many *start units* (:func:`start_units`: a top-down weighted k-means
    of the codewords, split by at most 16 per pass), which keeps the start
-   cheap at any K (about 8 s at K=65536, D=64 on 2 CPU cores, where a Ward
+   cheap at any K (about 7 s at K=65536, D=64 on 2 CPU cores, where a Ward
    tree of all the codewords takes 25-30 s);
 2. layer by layer, with the layer above fixed, two candidates for this layer
    and the next one are refined inside their parent cells
