@@ -748,8 +748,12 @@ def _mutual_pairs(ids: Tensor, x: Tensor, w: Tensor, ward: bool, max_roots: int)
     cost.masked_fill_(~pair_ok, math.inf)
     best, nn = cost.min(2)
     mutual = (nn.gather(1, nn) == cols) & (cols < nn) & torch.isfinite(best)
-    rank = torch.where(mutual, best, math.inf).argsort(1).argsort(1)
-    take = mutual & (rank < (alive.sum(1) - max_roots)[:, None])
+    room = alive.sum(1) - max_roots
+    take = mutual
+    # a group has at most roots / 2 mutual pairs: only with max_roots > 1 can the room run out
+    if max_roots > 1 and bool((mutual.sum(1) > room).any()):
+        rank = torch.where(mutual, best, math.inf).argsort(1).argsort(1)
+        take = mutual & (rank < room[:, None])
     stuck = ~take.any(1)
     if bool(stuck.any()):
         take[stuck.nonzero().squeeze(1), best[stuck].argmin(1)] = True

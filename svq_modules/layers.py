@@ -161,13 +161,27 @@ class _Cutter:
         frontier[-1] = True
         return opened, frontier
 
-    def step(self, opened: Tensor, frontier: Tensor, bits: int | None, level: int | None = None) -> _Cut:
+    def scan(self, frontier: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(owner, under, key)``: each node's frontier ancestor-or-self, whether it has one, and
+        the least split gain on the way below it (see :func:`~svq_modules.tree.scan_to_marked`)."""
+        owner, under, key = scan_to_marked(self.h.parent, frontier, self.gain, torch.minimum, math.inf)
+        return owner, under, key
+
+    def step(
+        self,
+        opened: Tensor,
+        frontier: Tensor,
+        bits: int | None,
+        level: int | None = None,
+        scan: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> _Cut:
         """Cut every frontier node into at most ``2**bits`` nodes (``None``: to the leaves).
 
         With ``level`` (a constrained layer, see :mod:`svq_modules.refine`), open
-        exactly the nodes whose ``node_level <= level``.
+        exactly the nodes whose ``node_level <= level``. ``scan``: :meth:`scan` of
+        ``frontier``, if already known.
         """
-        owner, under, key = scan_to_marked(self.h.parent, frontier, self.gain, torch.minimum, math.inf)
+        owner, under, key = self.scan(frontier) if scan is None else scan
         candidates = under & self.internal & ~opened
         if level is not None:
             new = candidates & (self.node_level <= level)
@@ -336,9 +350,10 @@ def build_layers(
     width_out = torch.zeros(num_total, dtype=torch.long, device=device)
 
     opened, frontier = cutter.start()
+    scan = None
     for layer, bits_l in enumerate(schedule):
         width_out[layer] = cutter.deepest_remaining_bits(frontier) if bits_l is None else bits_l
-        step = cutter.step(opened, frontier, bits_l, layer if layer < constrained_layers else None)
+        step = cutter.step(opened, frontier, bits_l, layer if layer < constrained_layers else None, scan)
         # layer-l nodes that are new, grouped under their layer-(l-1) node
         nodes = (step.frontier & ~frontier).nonzero().squeeze(1)
         grp = step.owner[nodes]
@@ -352,7 +367,8 @@ def build_layers(
         group_size[layer].index_add_(0, grp, torch.ones_like(grp))
         group_start[layer, grp] = start_of
 
-        anc, _, _ = scan_to_marked(hierarchy.parent, step.frontier)
+        scan = cutter.scan(step.frontier)  # also the next layer's owners
+        anc = scan[0]
         leaf_node[layer] = anc[:num_leaves]
         leaf_symbol[layer] = node_symbol[anc[:num_leaves]]
         opened, frontier = step.opened, step.frontier
