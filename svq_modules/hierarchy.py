@@ -22,9 +22,9 @@ roots (:func:`_update_survivors`) and of the new nodes
 of :mod:`svq_modules.linkage`; a constrained phase compares each node with its
 own label's nodes only. Small groups, and any phase once few roots are left
 (``_DENSE_SWITCH``), merge in padded dense rounds instead (:func:`_dense_phase`:
-every pair cost of a group in one matrix per round, no candidate lists). :func:`ward_clusters` runs one such phase stopped
-early (at most m clusters per label), for the nested layers
-(:mod:`svq_modules.nested`).
+every pair cost of a group in one matrix per round, no candidate lists).
+:func:`ward_clusters` runs one such phase stopped early (at most m clusters per
+label), for the nested layers (:mod:`svq_modules.nested`).
 """
 
 from __future__ import annotations

@@ -16,19 +16,18 @@ constant):
    of the codewords, split by at most 16 per pass), which keeps the start
    cheap at any K (about 7 s at K=65536, D=64 on 2 CPU cores, where a Ward
    tree of all the codewords takes 25-30 s);
-2. layer by layer, with the layer above fixed, two candidates for this layer
-   and the next one are refined inside their parent cells
-   (:mod:`svq_modules.lloyd`):
+2. layer by layer, with the layer above fixed, this layer and the next one
+   are refined inside their parent cells (:mod:`svq_modules.lloyd`):
 
    * *joint*: both levels at once (each codeword picks a cell and a sub-cell
      together), which moves coarse cells only where the finer layer follows;
-   * *sequential*: this level alone, then the next level is cut again inside
-     the new cells by Ward agglomeration
-     (:func:`~svq_modules.hierarchy.ward_clusters`, on the Ward tree's finer
-     cells as units) and refined alone;
-
-   the one whose worse level, as a ratio to the greedy cut's error at that
-   level, is lower is kept; the next layer starts from its finer level;
+     the layer after then starts from the new finer cells, each cut again by
+     Ward agglomeration (:func:`~svq_modules.hierarchy.ward_clusters`, on the
+     Ward tree's finer cells as units);
+   * for the base layer also *sequential*: this level alone, then the next
+     level is cut again inside the new cells by Ward agglomeration and refined
+     alone; of the two, the one whose worse level, as a ratio to the greedy
+     cut's error at that level, is lower is kept;
 3. one constrained build (:func:`~svq_modules.hierarchy.build_constrained_hierarchy`)
    turns the nested labels into a tree: Ward inside the finest cells, then
    inside each coarser cell, so every cell is a subtree, and
