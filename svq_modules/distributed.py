@@ -22,6 +22,7 @@ __all__ = [
     "broadcast_",
     "broadcast_tensors_",
     "all_gather_rows",
+    "release_process_group",
 ]
 
 
@@ -104,3 +105,15 @@ def all_gather_rows(x: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if one is initialized: the last step of a distributed run.
+
+    Every rank must call it (it waits for all of them first). Lightning leaves the group alive
+    after ``fit``; left to interpreter exit, the gloo backend's threads can abort a process
+    whose run succeeded ("terminate called without an active exception", exit status -6).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -107,3 +107,19 @@ def test_ddp_two_ranks_end_identical(tmp_path):
         x = _rank_data(rank, 2048, 4)
         err = torch.cdist(x, cb).amin(1).pow(2).mean()
         assert err < 0.5, (rank, err)
+
+
+def test_run_checked_releases_the_process_group():
+    """The entry points' last step destroys the default process group (left alive by Lightning,
+    it can abort a finished DDP process at exit), and returns the job's PSNR."""
+    from omegaconf import OmegaConf
+
+    from svq_modules.lightning.entry import run_checked
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        assert run_checked(lambda cfg: {"psnr": 31.5}, OmegaConf.create({})) == 31.5
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from ..distributed import release_process_group
 from .callbacks import HierarchyUpdateCallback, quantizer_fingerprint
 from .checkpoints import extract_quantizer, load_checkpoint, load_lit_module, module_class
 from .checks import (
@@ -73,6 +74,7 @@ def run_checked(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) 
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    release_process_group()  # a DDP run's ranks all get here; see its docstring
     return result.get("psnr")
 
 
