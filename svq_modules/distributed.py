@@ -110,10 +110,10 @@ def all_gather_rows(x: Tensor) -> Tensor:
 def release_process_group() -> None:
     """Destroy the default process group, if one is initialized: the last step of a distributed run.
 
-    Every rank must call it (it waits for all of them first). Lightning leaves the group alive
-    after ``fit``; left to interpreter exit, the gloo backend's threads can abort a process
-    whose run succeeded ("terminate called without an active exception", exit status -6).
+    Each rank calls it once its last collective is done; it does not wait for the others (a
+    rank that failed earlier must not leave the rest hanging). Lightning leaves the group
+    alive after ``fit``; left to interpreter exit, the gloo backend's threads can abort a
+    process whose run succeeded ("terminate called without an active exception", exit -6).
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
