@@ -109,7 +109,6 @@ def code_statistics(
     return counts, sums
 
 
-
 def code_points(
     codebook: Tensor, counts: Tensor | None = None, sums: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:

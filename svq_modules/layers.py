@@ -164,8 +164,7 @@ class _Cutter:
     def scan(self, frontier: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(owner, under, key)``: each node's frontier ancestor-or-self, whether it has one, and
         the least split gain on the way below it (see :func:`~svq_modules.tree.scan_to_marked`)."""
-        owner, under, key = scan_to_marked(self.h.parent, frontier, self.gain, torch.minimum, math.inf)
-        return owner, under, key
+        return scan_to_marked(self.h.parent, frontier, self.gain, torch.minimum, math.inf)
 
     def step(
         self,

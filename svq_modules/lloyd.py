@@ -134,7 +134,6 @@ class OptionScanner:
         return out.masked_fill_(blocked[self.parent], math.inf)
 
 
-
 def seed_within(
     points: Tensor, weights: Tensor, parents: Tensor, k: int, *, generator: torch.Generator | None = None
 ) -> Tensor:

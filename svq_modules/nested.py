@@ -312,9 +312,8 @@ def _ward_split(
     finer = torch.arange(num_codes, device=points.device) if units is None else units
     _, cell = torch.unique(cells, return_inverse=True)
     _, unit = torch.unique(cell * (int(finer.max()) + 1) + finer, return_inverse=True)
-    plain, mass, total = _unit_statistics(points, points, weights, unit)
-    centers = torch.where((mass > 0)[:, None], total / mass.clamp_min(1e-30)[:, None], plain)
-    num_units = plain.shape[0]
+    centers, mass = code_points(*_unit_statistics(points, points, weights, unit))
+    num_units = centers.shape[0]
     unit_cell = torch.zeros(num_units, dtype=torch.long, device=points.device).scatter_(0, unit, cell)
     clusters = ward_clusters(centers, mass, unit_cell, 1 << min(bits, 62), block_size=block_size)
     return clusters[unit]

@@ -74,7 +74,7 @@ def run_checked(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) 
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    release_process_group()  # a DDP run's ranks all get here; see its docstring
+    release_process_group()  # each DDP rank, once its run is done (Lightning leaves the group alive)
     return result.get("psnr")
 
 
