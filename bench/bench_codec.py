@@ -14,12 +14,14 @@ Rows, all with bpp from real bytes (a file of the whole image, headers included)
 unless said otherwise:
 
 * ours: the default run's checkpoint (``python train.py``) at every layer, through the
-  image-file path of ``svq_modules.cli.images`` (file cut after each layer);
+  image-file path of ``svq_modules.cli.images`` (file cut after each layer; each layer
+  context coded, ``svq_modules.coding.context``); and the same files with each layer
+  entropy coded without its neighbours (``compress --coding entropy``);
 * flat VQ at 4 / 6 / 8 bits: the same run with ``codebook_size=2**b`` (full depth only);
 * ResidualVQ (vector-quantize-pytorch, 16 codes x 3 stages, ``quantize_dropout=True``)
   in the same autoencoder, same data, batch and steps; its rate is the ideal code
   length of each stage's indices under static probabilities counted on training crops
-  (no header);
+  (no header, no neighbours);
 * CompressAI ``bmshj2018-factorized`` trained on the same crops, batch and steps at
   several lambdas (``lambda * 255**2 * MSE + bpp``), real bytes of ``compress()``;
 * JPEG and WebP (Pillow) quality sweeps.
@@ -59,6 +61,8 @@ MSSSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363)  # the first 4 scales of Wang et
 DATA_CONFIGS = ("configs/data/default_images.yaml", "configs/trainer/default.yaml", "configs/model/quantizer/default.yaml")
 MODEL_CONFIG = "configs/model/autoencoder.yaml"
 
+#: the same files with each layer coded without its neighbours (the context coding's gain)
+NO_CONTEXT = "ours, entropy coding (no neighbours)"
 Points = list[tuple[int, np.ndarray]]  # (bytes, decoded [H, W, 3] uint8) per rate point
 
 
@@ -113,18 +117,17 @@ def pillow_codec(fmt: str, qualities: tuple[int, ...]) -> Callable[[np.ndarray],
     return run
 
 
-def ours_codec(ckpt: Path, last_only: bool = False) -> Callable[[np.ndarray], Points]:
+def ours_codec(ckpt: Path, last_only: bool = False, coding: str = "context") -> Callable[[np.ndarray], Points]:
     """Every layer of the checkpoint's image file (``svq_modules.cli.images``), the file cut after each layer."""
-    from svq_modules.cli.images import decode_image, encode_image, load_autoencoder
-    from svq_modules.coding import compress_layers, decompress_layers
+    from svq_modules.cli.images import compress_pixels, decode_image, load_autoencoder
+    from svq_modules.coding import decompress_layers
     from svq_modules.coding.image_file import pack_image_file, unpack_image_file
 
     model = load_autoencoder(ckpt, str(ckpt))
     q = model.quantizer
 
     def run(pixels: np.ndarray) -> Points:
-        header, indices = encode_image(model, pixels)
-        f = unpack_image_file(pack_image_file(header, compress_layers(q.hierarchy, q.tables, indices)))
+        f = unpack_image_file(pack_image_file(*compress_pixels(model, pixels, coding)))
         layers = [f.num_layers] if last_only else range(1, f.num_layers + 1)
         return [(int(f.layer_end[n - 1]), decode_image(model, f.header, decompress_layers(q.hierarchy, q.tables,
                                                                                            f.chunks[:n])))
@@ -447,6 +450,7 @@ def main() -> None:
 
     rows: dict[str, dict[str, np.ndarray]] = {}
     rows["ours"] = measure(ours_codec(ckpt), images)
+    rows[NO_CONTEXT] = measure(ours_codec(ckpt, coding="entropy"), images)
     notes: list[str] = []
     if not args.ours_only:
         peers(rows, images, steps, "" if args.no_compressai else args.lambdas, notes)

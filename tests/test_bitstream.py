@@ -23,6 +23,7 @@ import torch
 from mixtures import make_model
 
 from svq_modules.coding import (
+    CODINGS,
     MAGIC,
     BitstreamError,
     branch_prob_q16,
@@ -446,7 +447,7 @@ def _bad_field(rng: random.Random, chunk: bytes, position: int, num_layers: int)
     elif name == "version":
         value = other(0, 255, {1})
     elif name == "coding":
-        value = other(2, 255, set())
+        value = other(len(CODINGS), 255, set())
     elif name == "embed":
         value = other(3, 255, set())
     elif name == "ndim":
@@ -458,7 +459,7 @@ def _bad_field(rng: random.Random, chunk: bytes, position: int, num_layers: int)
     elif name == "model_layers":
         value = other(0, 65535, {num_layers})
     elif name == "step":
-        value = other(1, 65535, set()) if hdr.coding == "raw" else rng.choice([0, other(9, 65535, set())])
+        value = other(1, 65535, set()) if hdr.coding != "entropy" else rng.choice([0, other(9, 65535, set())])
     elif name in ("num_vectors", "num_symbols", "embed_len", "payload_len"):
         value = other(0, 2**50 if rng.random() < 0.5 else old + 10, {old})
     elif name in ("dim", "num_leaves", "link"):
@@ -697,3 +698,97 @@ def test_container_fuzz_raises_bitstream_error(model):
             continue
         changed = "changed" if c.model != b"model bytes" else "intact"
         pytest.fail(f"trial {trial}: a corrupted container was read without error (model section {changed})")
+
+
+# ------------------------------------------------------------------------------------ context coding (grids)
+
+
+def smooth_grid(t, shape: tuple[int, ...], block: int, seed: int) -> torch.Tensor:
+    """Indices ``shape`` (last two dims a grid) constant over ``block x block`` tiles, one random code per tile."""
+    g = torch.Generator().manual_seed(seed)
+    *batch, h, w = shape
+    tiles = torch.randint(0, t.num_leaves, (*batch, -(-h // block), -(-w // block)), generator=g)
+    return tiles.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :h, :w].contiguous()
+
+
+@pytest.mark.parametrize("shape", [(20, 20), (2, 10, 20), (1, 1, 400), (400, 1), (3, 1, 2, 5)])
+@pytest.mark.parametrize("embed", [None, "float32"])
+def test_context_coding_round_trips_every_prefix(model, shape, embed, entropy_only):
+    _, h, t, idx = model
+    for grid in (idx[: math.prod(shape)].reshape(shape), smooth_grid(t, shape, 3, 1)):
+        ref = decode_codes(t, encode_indices(t, grid.reshape(-1)))
+        chunks = compress_layers(h, t, grid, coding="context", embed_centers=embed)
+        assert [read_header(c).coding for c in chunks] == ["context"] * t.num_layers
+        for n in range(1, t.num_layers + 1):
+            out = decompress_layers(h, t, chunks[:n])
+            assert out.batch_shape == shape and torch.equal(out.nodes, ref[:n])
+            if embed is not None:
+                assert torch.equal(decompress_layers(None, None, chunks[:n]).nodes, ref[:n])
+
+
+def test_context_coding_uses_the_neighbours_only_where_they_tell(model, entropy_only):
+    """Tiles of one code: the neighbours give most symbols away (large factors, far fewer bytes than entropy coding).
+    The same codes shuffled: nothing to gain (factors near 1, about the entropy coder's size)."""
+    _, h, t, _ = model
+    smooth = smooth_grid(t, (64, 64), 4, 2)
+    g = torch.Generator().manual_seed(3)
+    shuffled = smooth.reshape(-1)[torch.randperm(smooth.numel(), generator=g)].reshape(64, 64)
+    for grid, tells in ((smooth, True), (shuffled, False)):
+        context = compress_layers(h, t, grid, coding="context")
+        entropy = compress_layers(h, t, grid, coding="entropy")
+        for c, e in zip(context, entropy):
+            hc, he = read_header(c), read_header(e)
+            if hc.num_symbols < 100:
+                continue
+            factors = bytes(c[-4 - hc.payload_len :][:2])
+            if tells:
+                assert min(factors) >= 32 and hc.payload_len < 0.5 * he.payload_len, (factors, hc, he)
+            else:
+                assert max(factors) <= 12 and hc.payload_len < 1.05 * he.payload_len + 8, (factors, hc, he)
+
+
+def test_context_coding_errors(model, entropy_only):
+    _, h, t, idx = model
+    with pytest.raises(ValueError, match=r"grid \[\.\.\., H, W\].*\[400\]"):
+        compress_layers(h, t, idx, coding="context")
+    grid = idx.reshape(20, 20)
+    chunks = compress_layers(h, t, grid, coding="context")
+    assert all(read_header(c).coding == "context" for c in chunks)
+    i = 1
+    payload = chunks[i][-4 - read_header(chunks[i]).payload_len : -4]
+    bad = {
+        "factor": bytes([0]) + payload[1:],
+        "words": payload[:-1],
+        "short": payload[:1],
+    }
+    messages = {"factor": "neighbour factors", "words": "not 2 factor bytes", "short": "not 2 factor bytes"}
+    for name, p in bad.items():
+        stream = list(chunks[: i + 1])
+        stream[i] = with_section(stream[i], payload=p)
+        with pytest.raises(BitstreamError, match=messages[name]):
+            decompress_layers(h, t, stream)
+    head = bytearray(chunks[0][:HEADER_SIZE])  # the same chunk 0 with batch shape [400]: not a grid
+    struct.pack_into("<B", head, FIELDS["ndim"][0], 1)
+    body = bytes(head) + struct.pack("<Q", 400) + chunks[0][HEADER_SIZE + 16 : -4]
+    with pytest.raises(BitstreamError, match=r"chunk 0: context coding needs indices laid out on a grid"):
+        decompress_layers(h, t, [body + struct.pack("<I", zlib.crc32(body))])
+
+
+def test_context_fuzz_mutations_each_raise_bitstream_error(model, entropy_only):
+    """1,000 mutated context-coded streams: each raises BitstreamError, never another exception or a decode."""
+    _, h, t, idx = model
+    grid = idx.reshape(20, 20)
+    chunks = compress_layers(h, t, grid, coding="context")
+    other = make_model(11)
+    other_model = compress_layers(other[1], other[2], other[3].reshape(20, 20), coding="context")
+    other_stream = compress_layers(h, t, grid.roll(1, 1), coding="context")
+    rng = random.Random("context")
+    for trial in range(1000):
+        stream = _mutations(rng, chunks, other_model, other_stream, True)
+        try:
+            decompress_layers(h, t, stream)
+        except BitstreamError:
+            continue
+        except Exception as e:  # pragma: no cover - the failure report
+            pytest.fail(f"trial {trial}: {type(e).__name__} instead of BitstreamError: {e}")
+        pytest.fail(f"trial {trial}: a mutated stream decoded without error")

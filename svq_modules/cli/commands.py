@@ -90,6 +90,9 @@ def _check_compress_options(args: argparse.Namespace) -> None:
             raise CLIError("--save-model writes the model compress trains, but --model gives one; copy that file instead")
     elif args.no_store_model and not (args.embed_centers or args.save_model):
         raise CLIError("--no-store-model needs --embed-centers or --save-model, or the file could not be decoded")
+    if args.coding == "context":
+        raise CLIError("--coding context: codes each latent given its neighbours on an image's grid; an [N, D] "
+                       "array's vectors have none: use entropy (default) or raw")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -131,7 +134,8 @@ def compress_array(args: argparse.Namespace) -> int:
     store_model = not args.model and not args.no_store_model
     with torch.no_grad():
         idx = vq.quantize(x)
-    chunks = compress_layers(vq.hierarchy, vq.tables, idx, coding=args.coding, embed_centers=args.embed_centers)
+    chunks = compress_layers(vq.hierarchy, vq.tables, idx, coding=args.coding or "entropy",
+                             embed_centers=args.embed_centers)
     data_bytes = pack_container(chunks, pack_model(vq) if store_model else None)
     text = None if args.quiet else layer_summary(chunks, decompress_layers(vq.hierarchy, vq.tables, chunks), arr)
 

@@ -19,6 +19,10 @@ Choices:
   written back as grayscale (the mean of the 3 decoded channels); an RGB image
   through a grayscale model is refused;
 * pixels are 8-bit, ``/ 255`` into the model and ``round(255 * clamp(y, 0, 1))`` out;
+* coding: each layer is context coded by default (:mod:`svq_modules.coding.context`:
+  a latent's symbol given its left and upper neighbours' symbols, under the
+  probabilities the model learned), raw where that is smaller; ``--coding``
+  picks ``entropy`` (no neighbours) or ``raw`` instead;
 * output: PNG, JPEG (quality 95, no chroma subsampling: a second, lossy
   coding), BMP or TIFF, by the output suffix.
 """
@@ -50,6 +54,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "autoencoder_fingerprint",
     "compress_image",
+    "compress_pixels",
     "decode_image",
     "decompress_image",
     "encode_image",
@@ -203,6 +208,14 @@ def encode_image(model: Any, pixels: np.ndarray) -> tuple[ImageHeader, torch.Ten
     return header, indices
 
 
+def compress_pixels(model: Any, pixels: np.ndarray, coding: str = "context") -> tuple[ImageHeader, list[bytes]]:
+    """The header and per-layer chunks of an image file of ``pixels`` (``[H, W, C]`` uint8); ``coding`` as for
+    :func:`~svq_modules.coding.compress_layers` (``"context"``, ``"entropy"`` or ``"raw"``)."""
+    header, indices = encode_image(model, pixels)
+    q = model.quantizer
+    return header, compress_layers(q.hierarchy, q.tables, indices, coding=coding)
+
+
 @torch.inference_mode()
 def decode_image(model: Any, header: ImageHeader, decoded: Any) -> np.ndarray:
     """``[H, W, C]`` uint8 pixels from a :class:`~svq_modules.coding.Decoded` of the image's chunks (all its layers)."""
@@ -254,9 +267,7 @@ def compress_image(args: argparse.Namespace) -> int:
 
     # 3. work
     t0 = time.perf_counter()
-    header, indices = encode_image(model, pixels)
-    q = model.quantizer
-    chunks = compress_layers(q.hierarchy, q.tables, indices, coding=args.coding)
+    header, chunks = compress_pixels(model, pixels, coding=args.coding or "context")
     data = pack_image_file(header, chunks)
 
     # 4. output

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(images: the ScalableVQAutoencoder checkpoint of train.py, required)")
     c.add_argument("--save-model", help="also write the trained model to this file (.pt)")
     c.add_argument("--no-store-model", action="store_true", help="do not put the trained model into the .svq file")
-    c.add_argument("--coding", choices=CODINGS, default="entropy", help="payload coding (default entropy)")
+    c.add_argument("--coding", choices=CODINGS,
+                   help="payload coding (default: context for images, entropy for arrays; context needs a grid of "
+                        "latents, so images only)")
     c.add_argument("--embed-centers", choices=["float16", "float32"], help="self-contained chunks carrying their centers")
     t = c.add_argument_group("training (not with --model)")
     t.add_argument("--codebook-size", type=int, help="K, number of codewords, at most N (default 1024)")

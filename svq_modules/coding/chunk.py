@@ -41,8 +41,8 @@ __all__ = [
 
 MAGIC = b"SVQL"
 FORMAT_VERSION = 1
-#: payload codings; the header stores the index (0 = raw, 1 = entropy)
-CODINGS = ("raw", "entropy")
+#: payload codings; the header stores the index (0 = raw, 1 = entropy, 2 = context: see .context)
+CODINGS = ("raw", "entropy", "context")
 #: embedded-center types; the header stores the value
 EMBED_DTYPES: dict[str | None, int] = {None: 0, "float16": 1, "float32": 2}
 _EMBED_NAMES = {v: k for k, v in EMBED_DTYPES.items()}
@@ -69,9 +69,9 @@ class ChunkHeader(NamedTuple):
     """Parsed header of one layer chunk (see ``docs/bitstream.md``)."""
 
     version: int
-    coding: str  # "raw" | "entropy"
+    coding: str  # "raw" | "entropy" | "context"
     embed: str | None  # None | "float16" | "float32"
-    step: int  # entropy coding: tree levels per coded step (1..8); raw: 0
+    step: int  # entropy coding: tree levels per coded step (1..8); raw and context: 0
     layer: int
     stream_layers: int  # layers the sender produced (the stream is layers 0..stream_layers-1)
     model_layers: int  # L of the model
@@ -213,10 +213,10 @@ def _check_fields(f: dict[str, Any], what: str) -> None:
         raise BitstreamError(f"{what}: unsupported format version {f['version']} (this reader supports {FORMAT_VERSION})")
     coding, step = f["coding"], f["step"]
     if coding >= len(CODINGS):
-        raise BitstreamError(f"{what}: unknown coding {coding} (expected 0 = raw or 1 = entropy)")
+        raise BitstreamError(f"{what}: unknown coding {coding} (expected 0 = raw, 1 = entropy or 2 = context)")
     if f["embed"] not in _EMBED_NAMES:
         raise BitstreamError(f"{what}: unknown embedded-center type {f['embed']} (expected 0, 1 = float16 or 2 = float32)")
-    if (coding == 0 and step != 0) or (coding == 1 and not 1 <= step <= MAX_STEP):
+    if (coding != 1 and step != 0) or (coding == 1 and not 1 <= step <= MAX_STEP):
         raise BitstreamError(f"{what}: invalid entropy step {step} for coding {CODINGS[coding]!r}")
     if f["reserved"]:
         raise BitstreamError(f"{what}: reserved header field is {f['reserved']}, expected 0")

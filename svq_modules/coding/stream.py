@@ -7,10 +7,11 @@ symbols of every vector that sends one. A receiver decodes any prefix
 * :mod:`.chunk`: header layout, CRC32, parsing one chunk, the order of chunks;
 * :mod:`.tables`: model fingerprint, branch probabilities and the cached codec tables;
 * :mod:`.payload`: raw and entropy coding of a layer's symbols;
+* :mod:`.context`: context coding of a layer's symbols on a grid of vectors;
 * :mod:`.embedded`: the model part of self-contained chunks.
 
-With ``coding="entropy"`` a layer whose entropy-coded payload would be larger
-than its raw payload is written raw (the chunk header says per chunk which
+With ``coding="entropy"`` or ``"context"`` a layer whose coded payload would be
+larger than its raw payload is written raw (the chunk header says per chunk which
 coding it uses), so a chunk is never larger than its raw version. The byte
 layout is written down in ``docs/bitstream.md``.
 """
@@ -41,6 +42,7 @@ from .chunk import (
     pack_chunk,
     parse_chunk,
 )
+from .context import decode_context, encode_context, grid_of
 from .embedded import codec_from_embedded, embed_section
 from .payload import decode_entropy, decode_raw, encode_entropy, encode_raw, raw_payload_size
 from .tables import CodecTables, check_model, codec_tables, to_numpy
@@ -134,9 +136,12 @@ def compress_layers(
         tables: its layer tables (``L`` layers).
         indices: ``[*batch]`` int codeword indices (``N`` elements); the batch
             shape is stored in chunk 0 and given back by the decoder.
-        coding: ``"entropy"`` (default) or ``"raw"``. With ``"entropy"`` a layer
-            whose entropy-coded payload would be larger than its raw payload
-            is written raw (its header says so).
+        coding: ``"entropy"`` (default), ``"context"`` or ``"raw"``.
+            ``"context"`` (:mod:`.context`) is for indices on a grid
+            ``[..., H, W]`` (image latents, feature maps): each symbol is
+            coded given its left and upper neighbours' symbols. With
+            ``"entropy"`` or ``"context"`` a layer whose coded payload would be
+            larger than its raw payload is written raw (its header says so).
         num_layers: produce layers ``0..num_layers-1`` (default all ``L``).
         embed_centers: ``None``, ``"float16"`` or ``"float32"``: self-contained
             chunks that also carry their layer's tree structure and node centers.
@@ -155,6 +160,8 @@ def compress_layers(
     L = tables.num_layers
     num_layers = L if num_layers is None else check_int(num_layers, "num_layers", min=1, max=L)
     idx, shape = _flatten_indices(indices, hierarchy.num_leaves)
+    if coding == "context":
+        grid_of(shape)
     codec = codec_tables(hierarchy, tables)
     n = idx.shape[0]
     centers = to_numpy(hierarchy.center) if embed_centers is not None else None
@@ -169,10 +176,12 @@ def compress_layers(
         if coding == "entropy":
             step = step_arg or codec.auto_step(layer)
             payload = encode_entropy(codec, layer, step, leaves)
-            if len(payload) <= raw_payload_size(codec, layer, leaves):
-                layer_coding = "entropy"
-            else:  # never larger than raw: this layer goes raw
-                step = 0
+        elif coding == "context":
+            payload = encode_context(codec, layer, idx, shape)
+        if coding != "raw" and len(payload) <= raw_payload_size(codec, layer, leaves):
+            layer_coding = coding
+        else:  # never larger than raw: this layer goes raw
+            step = 0
         if layer_coding == "raw":
             payload = encode_raw(codec, layer, leaves)
         chunk = pack_chunk(
@@ -285,6 +294,8 @@ def _decode(codec: CodecTables | None, hierarchy: Hierarchy | None, parsed: list
         start = state[active]
         if c.header.coding == "raw":
             new = decode_raw(codec, layer, start, active, c.payload, what)
+        elif c.header.coding == "context":
+            new = decode_context(codec, layer, state, active, first.batch_shape or (), c.payload, what)
         else:
             new = decode_entropy(codec, layer, c.header.step, start, c.payload, what)
         nodes[layer] = state

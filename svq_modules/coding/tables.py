@@ -175,6 +175,7 @@ class CodecTables:
     depth: np.ndarray | None = None  # [M] int64
     _steps: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     _widths: dict[int, np.ndarray] = field(default_factory=dict)
+    _member_weights: dict[int, np.ndarray] = field(default_factory=dict)
     _leaf_steps: dict[tuple[int, int], tuple[list[np.ndarray], list[np.ndarray], np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -219,6 +220,39 @@ class CodecTables:
             dest = np.where(valid & (own[:, None] >= 0), cur, -1)
             self._steps[k] = (dest, np.where(dest >= 0, prob, 0.0).astype(np.float32))
         return self._steps[k]
+
+    def member_weight(self, layer: int) -> np.ndarray:
+        """Weight of every member of the layer's groups: ``[G_l]`` int64 in ``[1, 2**16]``, aligned with ``members[layer]``.
+
+        ``round(2**16 * p)`` of the member's path probability ``p`` from its
+        group's node: the product of the 16-bit branch probabilities on the
+        way, in float64 from the member upwards (a fixed order, so a receiver
+        with embedded tables gets the same weights). Used by context coding
+        (:mod:`.context`).
+        """
+        if layer not in self._member_weights:
+            members, size, first = self.members[layer], self.group_size[layer], self.group_start[layer]
+            groups = np.flatnonzero(size > 0)
+            owner = np.empty(members.size, dtype=np.intp)
+            owner[_ranges(first[groups], size[groups])] = np.repeat(groups, size[groups])
+            internal = np.flatnonzero(self.left >= 0)
+            parent = np.full(self.num_nodes, -1, dtype=np.intp)
+            parent[self.left[internal]], parent[self.right[internal]] = internal, internal
+            is_right = np.zeros(self.num_nodes, dtype=bool)
+            is_right[self.right[internal]] = True
+            p_right = self.q_right.astype(np.float64) / PROB_ONE
+            prob, cur = np.ones(members.size), members.copy()
+            moving = np.flatnonzero(cur != owner)
+            while moving.size:  # one round per tree level, vectorized over the members
+                up = parent[cur[moving]]
+                if int(up.min(initial=0)) < 0:
+                    raise ValueError("inconsistent model tables: a group member is not below its group's node")
+                pr = p_right[up]
+                prob[moving] *= np.where(is_right[cur[moving]], pr, 1.0 - pr)
+                cur[moving] = up
+                moving = moving[cur[moving] != owner[moving]]
+            self._member_weights[layer] = np.clip(np.round(prob * PROB_ONE), 1, PROB_ONE).astype(np.int64)
+        return self._member_weights[layer]
 
     # ------------------------------------------------------------------ encoder side (model tables only)
 
@@ -281,6 +315,13 @@ class CodecTables:
             lv, cur, tgt = lv[keep], cur[keep], tgt[keep]
         self._leaf_steps[key] = (symbols, nodes, steps)
         return self._leaf_steps[key]
+
+
+def _ranges(first: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """``concat(arange(f, f + s) for f, s in zip(first, size))`` without a Python loop: intp."""
+    total = int(size.sum())
+    offset = np.repeat(np.cumsum(size) - size, size)
+    return np.repeat(first, size) + np.arange(total) - offset
 
 
 def check_model(hierarchy: Hierarchy, tables: LayerTables) -> None:
