@@ -151,8 +151,10 @@ def _to_pixels(y: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def config_key(steps: int, *extra: Any) -> str:
-    """Cache key: data, trainer and quantizer configs, the model's architecture and optimizer settings, steps, ``extra``.
+def config_key(steps: int, *extra: Any, autoencoder: bool = True) -> str:
+    """Cache key: data and trainer configs, steps, ``extra``; with ``autoencoder`` also the quantizer
+    config and the reference model's architecture and optimizer settings (the peers built on that
+    autoencoder; CompressAI's model is its own).
 
     Settings named ``coarse_*`` (a coarse-layer training option the reference model once had) are
     left out, so that the keys of models trained before it was dropped stay valid.
@@ -160,11 +162,13 @@ def config_key(steps: int, *extra: Any) -> str:
     from omegaconf import OmegaConf
 
     h = hashlib.sha256()
-    for name in DATA_CONFIGS:
+    for name in DATA_CONFIGS if autoencoder else DATA_CONFIGS[:2]:
         h.update((REPO_ROOT / name).read_bytes())
-    model = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / MODEL_CONFIG))
-    model = {k: v for k, v in model.items() if not str(k).startswith("coarse_")}
-    h.update(json.dumps([model, steps, *extra], sort_keys=True).encode())
+    settings: list[Any] = [steps, *extra]
+    if autoencoder:
+        model = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / MODEL_CONFIG))
+        settings.insert(0, {k: v for k, v in model.items() if not str(k).startswith("coarse_")})
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
@@ -314,7 +318,7 @@ def rvq_codec(model: RVQAutoencoder) -> Callable[[np.ndarray], Points]:
 def train_compressai(steps: int, lmbda: float) -> Any:
     from compressai.zoo import bmshj2018_factorized
 
-    path = CODEC_CACHE / f"bmshj2018_factorized_{config_key(steps, 'compressai', lmbda)}.pt"
+    path = CODEC_CACHE / f"bmshj2018_factorized_{config_key(steps, 'compressai', lmbda, autoencoder=False)}.pt"
     torch.manual_seed(0)
     net = bmshj2018_factorized(quality=3, pretrained=False)  # N=128, M=192
     if path.exists():

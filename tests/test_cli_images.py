@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -223,18 +225,22 @@ def test_coding_option(files, capsys, tmp_path):
 
 
 def cut_or_corrupt(data: bytes, ends: list[int]) -> dict[str, bytes]:
+    from svq_modules.coding.image_file import IMAGE_HEADER_SIZE as head
+
     flip = lambda pos: data[:pos] + bytes([data[pos] ^ 0x10]) + data[pos + 1 :]  # noqa: E731
     cases = {
         "empty": b"",
         "inside the header": data[:10],
-        "after the header only": data[:40],
-        "inside the header of layer 0": data[:60],
+        "after the header only": data[:head],
+        "inside the fields of layer 0": data[: head + 2],
         "trailing byte": data + b"\0",
         "byte in the image header": flip(9),
-        "byte in a chunk header": flip(ends[0] + 20),
+        "byte in the shared chunk fields of the header": flip(head - 10),
+        "coding of layer 1": flip(ends[0]),
+        "symbol count of layer 1": flip(ends[0] + 2),
         "last byte": flip(len(data) - 1),
     }
-    starts = [40, *ends[:-1]]
+    starts = [head, *ends[:-1]]
     for layer, (start, end) in enumerate(zip(starts, ends)):
         cases[f"inside layer {layer}"] = data[: (start + end) // 2]
         cases[f"one byte short of layer {layer}"] = data[: end - 1]
@@ -302,13 +308,31 @@ def test_array_files_keep_their_path(files, capsys, tmp_path):
 
 def test_image_file_bytes(files):
     """``coding.image_file`` alone: pack then unpack gives header and chunks back; a grid the chunks do not fit is refused."""
-    from svq_modules.coding import BitstreamError
+    from svq_modules.coding import BitstreamError, read_header
     from svq_modules.coding.image_file import IMAGE_HEADER_SIZE, ImageHeader, pack_image_file, unpack_image_file
 
-    f = unpack_image_file((files / "odd.svq").read_bytes())
+    data = (files / "odd.svq").read_bytes()
+    f = unpack_image_file(data)
     again = unpack_image_file(pack_image_file(f.header, f.chunks))
     assert again.header == f.header and again.chunks == f.chunks and again.layer_end == f.layer_end
-    assert f.layer_end == np.cumsum([IMAGE_HEADER_SIZE, *map(len, f.chunks)])[1:].tolist()
+    # compacted: a layer takes its payload and at most 2 + 2 varints of <= 3 bytes + CRC 4 = 12 bytes more
+    sizes = np.diff([IMAGE_HEADER_SIZE, *f.layer_end])
+    payloads = [read_header(c).payload_len for c in f.chunks]
+    assert all(p + 6 <= n <= p + 12 for n, p in zip(sizes, payloads)), (sizes, payloads)
+    for cut in range(len(data) + 1):  # every prefix: a valid file exactly when cut after a layer
+        if cut in f.layer_end:
+            part = unpack_image_file(data[:cut])
+            assert part.chunks == f.chunks[: part.num_layers] and part.stream_layers == f.num_layers
+        else:
+            with pytest.raises(BitstreamError):
+                unpack_image_file(data[:cut])
+    # version 1 files (full chunks back to back after a 40-byte header) are still read
+    v1 = bytearray(data[:36])
+    v1[4] = 1
+    v1 += struct.pack("<I", zlib.crc32(bytes(v1)))
+    old = unpack_image_file(bytes(v1) + b"".join(f.chunks))
+    assert old.header == f.header and old.chunks == f.chunks and old.header_size == 40
+    assert old.layer_end == np.cumsum([40, *map(len, f.chunks)])[1:].tolist()
     wrong = ImageHeader(41, 53, 3, 3, "edge", 4, (11, 14), f.header.fingerprint)  # a valid header of another grid
     with pytest.raises(BitstreamError, match="latent grid"):
         pack_image_file(wrong, f.chunks)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..coding import BitstreamError, compress_layers, decompress_layers, fingerprint_tensors, read_header
 from ..coding.container import CONTAINER_MAGIC
-from ..coding.image_file import IMAGE_HEADER_SIZE, ImageFile, ImageHeader, pack_image_file, read_image_file
+from ..coding.image_file import ImageFile, ImageHeader, pack_image_file, read_image_file, unpack_image_file
 from ..lightning.table import format_rd_table
 from ..validation import check_int
 from .errors import CLIError, one_line
@@ -238,7 +238,7 @@ def _check_model_option(args: argparse.Namespace, command: str) -> None:
 def _layer_rows(f: ImageFile) -> list[dict[str, Any]]:
     """Per layer: coding, symbols, bytes, where it ends, and the file's bits per pixel when cut there."""
     pixels = f.header.height * f.header.width
-    starts = [IMAGE_HEADER_SIZE, *f.layer_end[:-1]]
+    starts = [f.header_size, *f.layer_end[:-1]]
     rows = []
     for layer, (chunk, start, end) in enumerate(zip(f.chunks, starts, f.layer_end)):
         h = read_header(chunk)
@@ -273,8 +273,7 @@ def compress_image(args: argparse.Namespace) -> int:
     # 4. output
     write_outputs([(out, bytes_writer(data))])
     if not args.quiet:
-        ends = np.cumsum([IMAGE_HEADER_SIZE, *map(len, chunks)])[1:].tolist()
-        print(format_rd_table(_layer_rows(ImageFile(header, chunks, ends, len(chunks)))))
+        print(format_rd_table(_layer_rows(unpack_image_file(data))))
         print(f"wrote {args.output}: {len(data)} bytes, {8 * len(data) / (header.height * header.width):.4f} bpp, "
               f"{header.height}x{header.width} {_COLOR[header.channels]} image in {len(chunks)} layers "
               f"in {time.perf_counter() - t0:.1f} s")
@@ -353,7 +352,7 @@ def image_file_info(f: ImageFile, name: str) -> dict[str, Any]:
         "channels": h.channels, "model_channels": h.model_channels, "patch_size": h.patch_size,
         "latent_grid": list(h.grid), "padding": h.padding, "model_fingerprint": h.fingerprint.hex(),
         "quantizer_fingerprint": first.fingerprint.hex(), "codebook_size": first.num_leaves, "dim": first.dim,
-        "header_bytes": IMAGE_HEADER_SIZE, "num_layers": f.num_layers, "stream_layers": f.stream_layers,
+        "header_bytes": f.header_size, "num_layers": f.num_layers, "stream_layers": f.stream_layers,
         "complete": f.num_layers == f.stream_layers, "layer_end": list(f.layer_end),
         "layer_bytes": [r["bytes"] for r in _layer_rows(f)], "coding": [read_header(c).coding for c in f.chunks],
         "bpp": [8 * end / pixels for end in f.layer_end],
