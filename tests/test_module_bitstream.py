@@ -17,7 +17,7 @@ def trained():
     return vq, x
 
 
-@pytest.mark.parametrize("coding", ["entropy", "raw"])
+@pytest.mark.parametrize("coding", ["entropy", "context", "raw"])
 def test_module_compress_every_prefix(trained, coding):
     vq, x = trained
     chunks = vq.compress(x, coding=coding)
@@ -48,7 +48,7 @@ def test_module_decompress_into_fresh_module_and_errors(trained):
         ScalableVQ(8, 64, bits=[2, 2, 1]).compress(torch.randn(3, 8))
 
 
-@pytest.mark.parametrize("coding", ["entropy", "raw"])
+@pytest.mark.parametrize("coding", ["entropy", "context", "raw"])
 def test_module_compress_items_one_stream_per_batch_item(trained, coding):
     """CompressAI's convention: ``{"strings": strings[l][b], "shape": item shape}``; every item decodes on its own."""
     vq, x = trained  # channel-first [4, 8, 16, 16]
@@ -83,3 +83,14 @@ def test_module_compress_items_errors(trained):
     flat = ScalableVQ.from_codebook(vq.codebook.detach(), bits=[2, 2, 1])
     with pytest.raises(ValueError, match="batch dimension"):
         flat.compress_items(torch.randn(8))
+
+
+def test_module_context_coding_of_a_smooth_latent_grid(trained):
+    """A latent map constant over 4x4 tiles: context coding (neighbours) takes far fewer bytes than entropy coding."""
+    vq, x = trained
+    smooth = x[:, :, ::4, ::4].repeat_interleave(4, 2).repeat_interleave(4, 3)
+    sizes = {c: sum(map(len, vq.compress(smooth, coding=c))) for c in ("entropy", "context")}
+    assert sizes["context"] < 0.6 * sizes["entropy"], sizes
+    assert torch.equal(vq.decompress(vq.compress(smooth, coding="context")), vq(smooth).quantized)
+    with pytest.raises(ValueError, match="grid"):
+        vq.compress(x[:, :, 0, 0], coding="context")  # [B, D]: one index per item, no grid

@@ -566,7 +566,10 @@ class ScalableVQ(nn.Module):
         Args:
             x: ``[..., D]`` float (``[B, D, ...]`` with ``channel_first``).
             coding: ``"entropy"`` (default; symbols conditioned on the parent
-                node, from the stored counts) or ``"raw"`` (bit packing).
+                node, from the stored counts), ``"context"`` (also on the left
+                and upper neighbours' symbols, for latents on a grid: indices
+                ``[..., H, W]``, i.e. ``x`` ``[B, D, H, W]`` with ``channel_first``)
+                or ``"raw"`` (bit packing).
             num_layers: write only the first layers, ``1..L`` (default all L).
             embed_centers: one of :data:`EMBED_CENTERS`: chunks that also carry
                 their layer's node centers, for a receiver without the model.
