@@ -295,10 +295,11 @@ def build_constrained_hierarchy(
     if state.num_codes > 1 and _phases_all_dense(constraints):
         _concurrent_phases(state, constraints, bar)
     else:
+        merged = _merge_duplicate_roots(state, constraints)  # all tied: one merge a round otherwise
         if linkage == "ward":  # candidate lists need the codes without data out of the way
-            merged = _absorb_empty_codes(state, constraints)
-            if bar is not None:
-                bar.update(merged)
+            merged += _absorb_empty_codes(state, constraints)
+        if bar is not None:
+            bar.update(merged)
         # phases: inside the finest labels first, then each coarser row, then free
         phases = [(c + 1, constraints[c]) for c in reversed(range(constraints.shape[0]))] + [(0, None)]
         for level, leaf_label in phases:
@@ -340,6 +341,7 @@ def ward_clusters(
     if _dense_fits(sizes):
         return _dense_clusters(points, counts, group, sizes, max_clusters)
     state = MergeState.start(points, counts, points * counts[:, None], "ward", block_size)
+    _merge_duplicate_roots(state, labels[None])
     _absorb_empty_codes(state, labels[None])
     _merge_phase(state, 1, labels, None, max_roots=max_clusters)
     root, _, _ = scan_to_marked(state.parent, state.alive[: state.num_nodes])
@@ -939,19 +941,60 @@ def _inherit_candidates(state: MergeState, a: Tensor, b: Tensor, new: Tensor, ac
         _refresh(state, unproven, active)
 
 
+def _merge_duplicate_roots(state: MergeState, constraints: Tensor) -> int:
+    """Merge the roots with identical centroids (and finest label of ``constraints [C, K]``) first, at zero cost.
+
+    Identical points are each other's nearest neighbours at cost 0, all tied: a
+    round of mutually-nearest pairs merges one pair per group of duplicates, so
+    a group of ``n`` (e.g. dead codes a learner reset to the same vector) would
+    take ``n`` rounds. Here every group merges in pairs, ``ceil(log2 n)``
+    batched rounds. The merges cost 0 under any linkage, so the tree above them
+    is the one the rounds would build. Under Ward linkage codes without data are
+    left to :func:`_absorb_empty_codes`. Returns the number of merges.
+    """
+    nodes = state.active()
+    if state.linkage == "ward":
+        nodes = nodes[state.count[nodes] > 0]
+    if nodes.numel() < 2:
+        return 0
+    _, group = torch.unique(state.mu[nodes], dim=0, return_inverse=True)
+    if constraints.shape[0]:
+        fine = constraints[-1][state.some_leaf[nodes]]
+        _, group = torch.unique(group * (int(constraints[-1].max()) + 1) + fine, return_inverse=True)
+    merged = 0
+    while True:
+        order = torch.argsort(group, stable=True)
+        nodes, group = nodes[order], group[order]
+        rank = torch.arange(nodes.numel(), device=nodes.device) - torch.searchsorted(group, group)
+        first = torch.zeros_like(rank, dtype=torch.bool)
+        first[:-1] = (group[1:] == group[:-1]) & (rank[:-1] % 2 == 0)  # pairs (rank 2i, 2i + 1) in each group
+        if not bool(first.any()):
+            return merged
+        i = first.nonzero().squeeze(1)
+        a, b = nodes[i], nodes[i + 1]
+        state.nn_cost[a] = 0.0
+        nodes = nodes.clone()
+        nodes[i] = _record_merges(state, a, b, constraints.shape[0])
+        merged += a.numel()
+        keep = torch.ones_like(first)
+        keep[i + 1] = False
+        nodes, group = nodes[keep], group[keep]
+
+
 def _absorb_empty_codes(state: MergeState, constraints: Tensor) -> int:
     """Merge every code without data into its nearest code with data, first.
 
     A code no vector uses would be the cheapest Ward partner of everything
     (its weight is ~0) and make every candidate list useless. It carries no
     data, so where it joins changes no distortion: each one is chained onto its
-    nearest non-empty code (same finest label of ``constraints [C, K]``) at
-    ~zero cost, before the regular merging. Returns the number of merges.
+    nearest root with data (a code, or a group of identical codes merged by
+    :func:`_merge_duplicate_roots`; same finest label of ``constraints [C, K]``)
+    at ~zero cost, before the regular merging. Returns the number of merges.
     """
     num_codes = state.num_codes
-    counts, mu, sqnorm = state.count[:num_codes], state.mu, state.sqnorm
-    empty = (counts <= 0).nonzero().squeeze(1)
-    full = (counts > 0).nonzero().squeeze(1)
+    mu, sqnorm = state.mu, state.sqnorm
+    empty = (state.count[:num_codes] <= 0).nonzero().squeeze(1)
+    full = (state.alive[: state.num_nodes] & (state.count > 0)).nonzero().squeeze(1)  # roots with data
     if empty.numel() == 0 or full.numel() == 0:
         return 0
     target = torch.empty_like(empty)
@@ -962,7 +1005,7 @@ def _absorb_empty_codes(state: MergeState, constraints: Tensor) -> int:
         e = empty[start : start + step]
         d = (sqnorm[e, None] + sqnorm[full][None, :]) - 2.0 * (mu[e] @ mu[full].T)
         if fine is not None:
-            d.masked_fill_(fine[e][:, None] != fine[full][None, :], math.inf)
+            d.masked_fill_(fine[e][:, None] != fine[state.some_leaf[full]][None, :], math.inf)
         best[start : start + step], j = d.min(dim=1)
         target[start : start + step] = full[j]
     keep = torch.isfinite(best)  # an empty code alone in its constraint cell stays for later
@@ -975,7 +1018,7 @@ def _absorb_empty_codes(state: MergeState, constraints: Tensor) -> int:
 
 
 def _chain_empty_codes(state: MergeState, empty: Tensor, target: Tensor, dist: Tensor, level: int) -> None:
-    """Chain ``empty [E]`` codes (sorted by ``target [E]``) onto their target code,
+    """Chain ``empty [E]`` codes (sorted by ``target [E]``) onto their target root,
     one merge each: ``((target + e1) + e2) + ...``; ``dist [E]`` squared distances."""
     num_codes, weight = state.num_codes, state.weight
     new = state.next_id + torch.arange(empty.numel(), device=empty.device)
@@ -989,14 +1032,14 @@ def _chain_empty_codes(state: MergeState, empty: Tensor, target: Tensor, dist: T
     state.children[new - num_codes] = torch.stack([previous, empty], dim=1)
     w_t, w_e = weight[target] + rank * weight[empty], weight[empty]
     state.merge_cost[new - num_codes] = w_t * w_e / (w_t + w_e) * dist
-    state.size[new] = rank + 2
+    state.size[new] = state.size[target] + rank + 1
     state.count[new] = state.count[target]
     state.data_sum[new] = state.data_sum[target]
     weight[new] = w_t + w_e
     state.mu[new] = state.mu[target]
     state.sqnorm[new] = state.sqnorm[target]
     state.node_level[new] = level
-    state.some_leaf[new] = target
+    state.some_leaf[new] = state.some_leaf[target]
     state.alive[empty] = False
     state.alive[previous] = False
     state.alive[new] = True

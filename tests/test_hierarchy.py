@@ -86,13 +86,47 @@ def test_empty_codes_duplicates_and_small_k():
     h = build_hierarchy(codebook, counts, sums)
     assert int(h.size[h.root]) == 10
     assert torch.isfinite(h.center).all() and torch.isfinite(h.merge_cost).all()
-    # empty codes are absorbed first, at (almost) zero cost
-    first = h.children[0].tolist()
-    assert any(counts[c] == 0 for c in first if c < 10)
+    # identical codes merge first, at zero cost; then empty codes are absorbed, at (almost) zero cost
+    assert h.children[0].tolist() == [2, 7] and float(h.merge_cost[0]) == 0.0
+    for merge in h.children[1:5].tolist():
+        assert sum(int(counts[c] == 0) for c in merge if c < 10) == 1
     one = build_hierarchy(codebook[:1])
     assert one.num_nodes == 1 and one.children.shape == (0, 2)
     two = build_hierarchy(codebook[:2].double())
     assert two.center.dtype == torch.float64 and two.children.tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("linkage", ["ward", "centroid"])
+def test_many_identical_codes_merge_in_few_rounds(linkage, monkeypatch):
+    """Groups of identical codewords (e.g. dead codes a learner reset to one vector): every group becomes a
+    zero-cost subtree in a few batched rounds, and the tree above is the tree of the deduplicated codebook."""
+    import svq_modules.hierarchy as hierarchy
+
+    g = torch.Generator().manual_seed(5)
+    distinct = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    copies = torch.randint(1, 60, (40,), generator=g)  # up to 59 copies of a point
+    codebook = distinct.repeat_interleave(copies, 0)
+    counts = 2.0 ** torch.randint(0, 4, (codebook.shape[0],), generator=g).double()  # sums / counts == codebook
+    point = torch.arange(40).repeat_interleave(copies)
+    rounds = []
+    original = hierarchy._merge_round
+    monkeypatch.setattr(hierarchy, "_merge_round", lambda *a, **k: rounds.append(1) or original(*a, **k))
+    h = build_hierarchy(codebook, counts, codebook * counts[:, None], linkage=linkage)
+    assert len(rounds) < 40, len(rounds)  # one pair per group per round would take 58+ rounds
+    zero = h.merge_cost == 0
+    assert int(zero.sum()) == codebook.shape[0] - 40
+    assert (h.parent[:-1] > torch.arange(h.num_nodes - 1)).all() and int(h.size[h.root]) == codebook.shape[0]
+    # every group of copies is a subtree (a node whose leaves are exactly the group)
+    members = {i: {i} for i in range(h.num_leaves)}
+    for i, (a, b) in enumerate(h.children.tolist()):
+        members[h.num_leaves + i] = members[a] | members[b]
+    subtrees = {frozenset(m) for m in members.values()}
+    for p in range(40):
+        assert frozenset((point == p).nonzero().squeeze(1).tolist()) in subtrees
+    if linkage == "ward":  # above them: the Ward tree of the deduplicated codebook, the copies' counts summed
+        summed = torch.zeros(40, dtype=torch.float64).index_add_(0, point, counts)
+        dedup = build_hierarchy(distinct, summed, distinct * summed[:, None])
+        torch.testing.assert_close(h.merge_cost[~zero].sort().values, dedup.merge_cost.sort().values)
 
 
 def test_centroid_linkage_without_data():
