@@ -957,7 +957,15 @@ def _merge_duplicate_roots(state: MergeState, constraints: Tensor) -> int:
         nodes = nodes[state.count[nodes] > 0]
     if nodes.numel() < 2:
         return 0
-    _, group = torch.unique(state.mu[nodes], dim=0, return_inverse=True)
+    mu = state.mu[nodes]
+    # identical rows have equal keys, so they sit side by side in key order (rows with equal keys
+    # that differ may interleave and split a group: fewer merges here, never a wrong one)
+    order = torch.argsort((mu * torch.linspace(1.0, 2.0, mu.shape[1], dtype=mu.dtype, device=mu.device)).sum(1))
+    same = (mu[order[1:]] == mu[order[:-1]]).all(1)
+    if not bool(same.any()):
+        return 0
+    group = torch.empty_like(order)
+    group[order] = torch.cat([same.new_zeros(1, dtype=torch.long), (~same).long().cumsum(0)])
     if constraints.shape[0]:
         fine = constraints[-1][state.some_leaf[nodes]]
         _, group = torch.unique(group * (int(constraints[-1].max()) + 1) + fine, return_inverse=True)

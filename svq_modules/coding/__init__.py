@@ -2,7 +2,8 @@
 
 Modules (one job each): :mod:`.chunk` (chunk header, CRC, parsing),
 :mod:`.tables` (model fingerprint and codec tables), :mod:`.payload` (raw and
-entropy coding of a layer), :mod:`.embedded` (self-contained chunks),
+entropy coding of a layer), :mod:`.context` (context coding of a layer of a
+grid of latents), :mod:`.embedded` (self-contained chunks),
 :mod:`.stream` (:func:`compress_layers` / :func:`decompress_layers`) and
 :mod:`.container` (``.svq`` files). The byte format is in ``docs/bitstream.md``.
 """
