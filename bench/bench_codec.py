@@ -20,8 +20,10 @@ unless said otherwise:
 * flat VQ at 4 / 6 / 8 bits: the same run with ``codebook_size=2**b`` (full depth only);
 * ResidualVQ (vector-quantize-pytorch, 16 codes x 3 stages, ``quantize_dropout=True``)
   in the same autoencoder, same data, batch and steps; its rate is the ideal code
-  length of each stage's indices under static probabilities counted on training crops
-  (no header, no neighbours);
+  length of each stage's indices under probabilities counted on training crops, given the
+  previous stage's index and sharpened by the left and upper neighbours' indices as our
+  context coding does (per image and stage the best of a grid of two factors, +2 bytes;
+  no header);
 * CompressAI ``bmshj2018-factorized`` trained on the same crops, batch and steps at
   several lambdas (``lambda * 255**2 * MSE + bpp``), real bytes of ``compress()``;
 * JPEG and WebP (Pillow) quality sweeps.
@@ -273,9 +275,11 @@ def train_rvq(steps: int) -> RVQAutoencoder:
     torch.manual_seed(0)
     model = RVQAutoencoder()
     if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=False)["model"])
-        model.counts = torch.load(path, weights_only=False)["counts"]
-        return model.eval()
+        saved = torch.load(path, weights_only=False)
+        model.load_state_dict(saved["model"])
+        model.eval()
+        model.counts = saved["counts"] if saved["counts"].dim() == 3 else rvq_counts(model)
+        return model
     print(f"[train] ResidualVQ autoencoder, {steps} steps", file=sys.stderr, flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=model.lr)
     sched = cosine(opt, steps)
@@ -290,26 +294,59 @@ def train_rvq(steps: int) -> RVQAutoencoder:
         opt.step()
         sched.step()
     model.eval()
-    counts = torch.ones(3, 16)  # Laplace-smoothed stage statistics on one epoch of training crops
-    with torch.no_grad():
-        for x in train_loader():
-            for s, idx in enumerate(model.stages(x)[1]):
-                counts[s] += torch.bincount(idx.flatten(), minlength=16).float()
-    model.counts = counts
+    model.counts = rvq_counts(model)
     CODEC_CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "counts": counts}, path)
+    torch.save({"model": model.state_dict(), "counts": model.counts}, path)
     return model
 
 
+@torch.no_grad()
+def rvq_counts(model: RVQAutoencoder) -> torch.Tensor:
+    """``[3, 16, 16]`` Laplace-smoothed counts of each stage's symbol given the previous stage's (stage 0: row 0),
+    on one epoch of training crops: the RVQ rows' static model, conditioned like ours on what is decoded."""
+    counts = torch.ones(3, 16, 16)
+    for x in train_loader():
+        codes = model.stages(x)[1]
+        for s, idx in enumerate(codes):
+            prev = codes[s - 1].flatten() if s else torch.zeros_like(idx.flatten())
+            counts[s].index_put_((prev, idx.flatten()), torch.ones(idx.numel()), accumulate=True)
+    return counts
+
+
+def neighbour_bits(symbols: torch.Tensor, probs: torch.Tensor) -> float:
+    """Ideal bits of a grid of symbols ``[H, W]`` under ``probs [H, W, C]`` sharpened like our context coding:
+    ``p(c) * a^[c == left] * b^[c == top]``, the best ``(a, b)`` of a grid of factors for this grid (+ 2 bytes)."""
+    h, w = symbols.shape
+    left = torch.full_like(symbols, -1)
+    left[:, 1:] = symbols[:, :-1]
+    top = torch.full_like(symbols, -1)
+    top[1:] = symbols[:-1]
+    cols = torch.arange(probs.shape[-1])
+    best = math.inf
+    for a in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0):
+        for b in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0):
+            q = probs * torch.where(cols == left[..., None], a, 1.0) * torch.where(cols == top[..., None], b, 1.0)
+            q = q / q.sum(-1, keepdim=True)
+            best = min(best, float(-torch.log2(q.gather(-1, symbols[..., None])).sum()))
+    return best + 16
+
+
 def rvq_codec(model: RVQAutoencoder) -> Callable[[np.ndarray], Points]:
-    neg_log2 = -torch.log2(model.counts / model.counts.sum(1, keepdim=True))  # [3, 16] bits per symbol
+    """Every stage; bytes: the ideal code length of each stage's indices given the previous stage's and the
+    left and upper neighbours' (:func:`neighbour_bits`), no header."""
+    probs = model.counts / model.counts.sum(-1, keepdim=True)  # [3, 16 previous, 16]
 
     @torch.no_grad()
     def run(pixels: np.ndarray) -> Points:
         x, size = _to_tensor(pixels, model.patch_size)
         grid = (x.shape[2] // model.patch_size, x.shape[3] // model.patch_size)
         recons, codes = model.stages(x)
-        bits = torch.cumsum(torch.stack([neg_log2[s][c].sum() for s, c in enumerate(codes)]), 0)
+        stage_bits = []
+        for s, c in enumerate(codes):
+            c = c.reshape(grid)
+            prev = codes[s - 1].reshape(grid) if s else torch.zeros_like(c)
+            stage_bits.append(neighbour_bits(c, probs[s][prev]))
+        bits = np.cumsum(stage_bits)
         return [(int(math.ceil(float(b) / 8)), _to_pixels(model.decode(r, grid), size)) for b, r in zip(bits, recons)]
 
     return run
