@@ -318,6 +318,10 @@ def ward_clusters(
     constraint row), stopped early: in each label the cheapest mutually-nearest
     pairs merge until at most ``max_clusters`` clusters are left. Items without
     data (count 0) first join their nearest item with data in the same label.
+    On the batched path (labels of more than a few hundred items) identical
+    items (same centroid and label) first merge at zero cost, so such a label
+    may end with fewer than ``max_clusters`` clusters: separate cells for
+    identical items would lower no error.
 
     Args:
         points: ``[n, D]`` float item centroids (e.g. data means of codewords).
@@ -966,9 +970,9 @@ def _merge_duplicate_roots(state: MergeState, constraints: Tensor) -> int:
         return 0
     group = torch.empty_like(order)
     group[order] = torch.cat([same.new_zeros(1, dtype=torch.long), (~same).long().cumsum(0)])
-    if constraints.shape[0]:
-        fine = constraints[-1][state.some_leaf[nodes]]
-        _, group = torch.unique(group * (int(constraints[-1].max()) + 1) + fine, return_inverse=True)
+    if constraints.shape[0]:  # and the same finest label (labels compacted: any int64 values)
+        fine = torch.unique(constraints[-1], return_inverse=True)[1][state.some_leaf[nodes]]
+        _, group = torch.unique(group * (int(fine.max()) + 1) + fine, return_inverse=True)
     merged = 0
     while True:
         order = torch.argsort(group, stable=True)

@@ -639,6 +639,17 @@ GOLDEN_ENTROPY = [
     "1ed50000000000000000000000000400000000000000028c2e0de37affce",
 ]
 
+# the same model and indices as a 3x4 grid, every layer context coded (written 2026-11-28)
+GOLDEN_CONTEXT = [
+    "5356514c0102000200000300030000004616cfa5c80073190c000000000000000c0000000000000002000000050000000000"
+    "00000000000000000000000000000a000000000000000300000000000000040000000000000004064f1f855b010000005505"
+    "7b9d",
+    "5356514c0102000001000300030000004616cfa5c80073190c000000000000000c0000000000000002000000050000005505"
+    "7b9d0000000000000000000000000a0000000000000004143b1185a501000000ebce73c5",
+    "5356514c0102000002000300030000004616cfa5c80073190c0000000000000006000000000000000200000005000000ebce"
+    "73c5000000000000000000000000060000000000000006040655d50a70c286e0",
+]
+
 
 def test_golden_stream_decodes_and_encodes_bit_exactly(monkeypatch):
     """Streams written by format version 1 keep decoding; the entropy coder keeps producing the same bytes.
@@ -668,6 +679,10 @@ def test_golden_stream_decodes_and_encodes_bit_exactly(monkeypatch):
 
     monkeypatch.setattr(stream, "raw_payload_size", lambda *args: 1 << 62)
     assert compress_layers(h, t, idx) == golden
+    # and the context coder its golden bytes
+    context = [bytes.fromhex(c) for c in GOLDEN_CONTEXT]
+    assert torch.equal(decompress_layers(h, t, context).nodes, ref)
+    assert compress_layers(h, t, idx.reshape(3, 4), coding="context") == context
 
 
 def test_container_fuzz_raises_bitstream_error(model):
@@ -792,3 +807,21 @@ def test_context_fuzz_mutations_each_raise_bitstream_error(model, entropy_only):
         except Exception as e:  # pragma: no cover - the failure report
             pytest.fail(f"trial {trial}: {type(e).__name__} instead of BitstreamError: {e}")
         pytest.fail(f"trial {trial}: a mutated stream decoded without error")
+
+
+def test_context_coding_of_a_long_thin_grid_falls_back_to_entropy(model, monkeypatch, entropy_only):
+    """More anti-diagonals than MAX_DIAGONALS: the layers are entropy coded; a context chunk of such a grid is refused."""
+    import svq_modules.coding.context as context
+
+    _, h, t, idx = model
+    monkeypatch.setattr(context, "MAX_DIAGONALS", 100)
+    line = idx.reshape(1, 400)
+    chunks = compress_layers(h, t, line, coding="context")
+    assert {read_header(c).coding for c in chunks} == {"entropy"}
+    assert torch.equal(decompress_layers(h, t, chunks).nodes, decode_codes(t, encode_indices(t, idx)))
+    monkeypatch.setattr(context, "MAX_DIAGONALS", 1000)
+    forced = compress_layers(h, t, line, coding="context")
+    assert read_header(forced[0]).coding == "context"
+    monkeypatch.setattr(context, "MAX_DIAGONALS", 100)
+    with pytest.raises(BitstreamError, match="more than 100 anti-diagonals"):
+        decompress_layers(h, t, forced)

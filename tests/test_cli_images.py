@@ -326,6 +326,12 @@ def test_image_file_bytes(files):
         else:
             with pytest.raises(BitstreamError):
                 unpack_image_file(data[:cut])
+    # a length field in a longer byte form than needed (same value, same chunk CRC) is refused
+    pos = f.layer_end[0] + 2  # layer 1's symbol count
+    end = pos + next(i for i in range(8) if not data[pos + i] & 0x80)
+    padded = data[:end] + bytes([data[end] | 0x80, 0]) + data[end + 1 :]
+    with pytest.raises(BitstreamError, match="minimal LEB128"):
+        unpack_image_file(padded)
     # version 1 files (full chunks back to back after a 40-byte header) are still read
     v1 = bytearray(data[:36])
     v1[4] = 1

@@ -108,11 +108,11 @@ def test_many_identical_codes_merge_in_few_rounds(linkage, monkeypatch):
     codebook = distinct.repeat_interleave(copies, 0)
     counts = 2.0 ** torch.randint(0, 4, (codebook.shape[0],), generator=g).double()  # sums / counts == codebook
     point = torch.arange(40).repeat_interleave(copies)
-    rounds = []
-    original = hierarchy._merge_round
-    monkeypatch.setattr(hierarchy, "_merge_round", lambda *a, **k: rounds.append(1) or original(*a, **k))
+    premerged = []
+    original = hierarchy._merge_duplicate_roots
+    monkeypatch.setattr(hierarchy, "_merge_duplicate_roots", lambda *a: premerged.append(original(*a)) or premerged[-1])
     h = build_hierarchy(codebook, counts, codebook * counts[:, None], linkage=linkage)
-    assert len(rounds) < 40, len(rounds)  # one pair per group per round would take 58+ rounds
+    assert premerged == [codebook.shape[0] - 40]  # every copy merged before the regular rounds
     zero = h.merge_cost == 0
     assert int(zero.sum()) == codebook.shape[0] - 40
     assert (h.parent[:-1] > torch.arange(h.num_nodes - 1)).all() and int(h.size[h.root]) == codebook.shape[0]
@@ -381,3 +381,21 @@ def test_labelled_candidate_rows_equal_a_masked_full_scan():
     torch.testing.assert_close(cost, ref_cost)
     finite = torch.isfinite(ref_cost)
     assert torch.equal(cand[finite], active[ref_j][finite]) and (cand[~finite] == m).all()
+
+
+def test_identical_items_never_merge_across_labels():
+    """Copies of points under any int64 labels (negative, huge): clusters and cells never straddle labels."""
+    g = torch.Generator().manual_seed(6)
+    points = torch.randn(700, 2, generator=g, dtype=torch.float64).repeat(2, 1)
+    labels = torch.tensor([-5, 3]).repeat_interleave(700)
+    for lab in (labels, labels * (1 << 40)):
+        clusters = ward_clusters(points, torch.ones(1400, dtype=torch.float64), lab, 700)
+        for c in torch.unique(clusters):
+            assert torch.unique(lab[clusters == c]).numel() == 1
+        built = build_constrained_hierarchy(points, None, None, lab[None])
+        inside = built.node_level == 1  # merges of the constrained phase
+        members = {i: {i} for i in range(1400)}
+        for i, (a, b) in enumerate(built.hierarchy.children.tolist()):
+            members[1400 + i] = members[a] | members[b]
+            if bool(inside[1400 + i]):
+                assert torch.unique(lab[list(members[1400 + i])]).numel() == 1

@@ -21,7 +21,9 @@ under
 
 The decoder needs a vector's left and upper neighbours first, so the symbols
 are coded by anti-diagonal ``i + j`` of the grid (every batch item at once):
-the decoder works in ``H + W - 1`` vectorized rounds, never per vector. Every
+the decoder works in ``H + W - 1`` vectorized rounds, never per vector; a
+grid of more than :data:`MAX_DIAGONALS` anti-diagonals (a long, thin one) is
+not context coded (:func:`context_fits`). Every
 probability is computed from integers in float64 (exact sums, one rounded
 division), so both sides get bit-identical rows. The byte layout is in
 ``docs/bitstream.md``.
@@ -37,7 +39,7 @@ import numpy as np
 from .chunk import BitstreamError
 from .tables import CodecTables
 
-__all__ = ["FACTOR_ONE", "decode_context", "encode_context", "grid_of"]
+__all__ = ["FACTOR_ONE", "MAX_DIAGONALS", "context_fits", "decode_context", "encode_context", "grid_of"]
 
 #: neighbour factors are n / FACTOR_ONE with n in 1..255
 FACTOR_ONE = 8
@@ -45,8 +47,10 @@ FACTOR_ONE = 8
 _FACTORS = np.array([4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 255], dtype=np.int64)
 #: symbols the encoder's choice of factors looks at, at most (evenly spaced in coding order)
 _FIT_SYMBOLS = 1 << 16
-#: rows per constriction call (bounds the [rows, group size] probability block in memory)
-_BLOCK_ROWS = 1 << 18
+#: entries of a [rows, group size] probability block (rows per constriction call = this / group size)
+_BLOCK_ENTRIES = 1 << 22
+#: anti-diagonals a context-coded grid may have at most, H + W - 1 (the decoder's rounds)
+MAX_DIAGONALS = 8192
 
 
 def grid_of(batch_shape: Sequence[int]) -> tuple[int, int]:
@@ -60,6 +64,13 @@ def grid_of(batch_shape: Sequence[int]) -> tuple[int, int]:
             f"context coding needs indices laid out on a grid [..., H, W] (2 or more dimensions), got shape {list(batch_shape)}"
         )
     return int(batch_shape[-2]), int(batch_shape[-1])
+
+
+def context_fits(batch_shape: Sequence[int]) -> bool:
+    """Whether indices of this shape can be context coded: a grid (see :func:`grid_of`) of at most
+    :data:`MAX_DIAGONALS` anti-diagonals (a longer, thinner grid would cost the decoder one round per diagonal)."""
+    h, w = grid_of(batch_shape)
+    return h + w - 1 <= MAX_DIAGONALS
 
 
 def _categorical():
@@ -96,12 +107,14 @@ def _neighbour_symbols(
 
 
 def _rows(
-    codec: CodecTables, layer: int, start: np.ndarray, left: np.ndarray, top: np.ndarray, factors: tuple[int, int]
+    codec: CodecTables, layer: int, start: np.ndarray, left: np.ndarray, top: np.ndarray, factors: tuple[int, int],
+    width: int,
 ) -> np.ndarray:
-    """``[S, G]`` float64 symbol probabilities of vectors on nodes ``start`` with neighbour symbols ``left`` / ``top``."""
+    """``[S, width]`` float64 symbol probabilities of vectors on nodes ``start`` with neighbour symbols ``left`` /
+    ``top``; ``width``: the layer's largest group (one width per layer: the same rows on both sides)."""
     weight = codec.member_weight(layer)
     size, first = codec.group_size[layer][start], codec.group_start[layer][start]
-    cols = np.arange(int(codec.group_size[layer].max()))  # one width per layer: the same rows on both sides
+    cols = np.arange(width)
     valid = cols < size[:, None]
     w = np.where(valid, weight[np.minimum(first[:, None] + cols, weight.size - 1)], 0).astype(np.float64)
     w *= np.where(cols == left[:, None], float(factors[0]), float(FACTOR_ONE))
@@ -155,9 +168,12 @@ def encode_context(codec: CodecTables, layer: int, leaves: np.ndarray, batch_sha
     start, sym = node[order], symbol[order]
     factors = _choose_factors(codec, layer, start, sym, left, top)
     model, coder = _categorical(), constriction.stream.stack.AnsCoder()
-    for b in reversed(range(0, order.size, _BLOCK_ROWS)):  # ANS is a stack: the last block first
-        s = slice(b, b + _BLOCK_ROWS)
-        coder.encode_reverse(sym[s].astype(np.int32), model, _rows(codec, layer, start[s], left[s], top[s], factors))
+    width = int(codec.group_size[layer].max())
+    block = max(1, _BLOCK_ENTRIES // width)
+    for b in reversed(range(0, order.size, block)):  # ANS is a stack: the last block first
+        s = slice(b, b + block)
+        rows = _rows(codec, layer, start[s], left[s], top[s], factors, width)
+        coder.encode_reverse(sym[s].astype(np.int32), model, rows)
     return bytes(factors) + coder.get_compressed().astype("<u4", copy=False).tobytes()
 
 
@@ -184,9 +200,12 @@ def decode_context(
     import constriction
 
     try:
-        grid = grid_of(batch_shape)
+        fits, grid = context_fits(batch_shape), grid_of(batch_shape)
     except ValueError as e:
         raise BitstreamError(f"{what}: {e}") from None
+    if not fits:
+        raise BitstreamError(f"{what}: a context-coded layer of a {grid[0]}x{grid[1]} grid: more than "
+                             f"{MAX_DIAGONALS} anti-diagonals")
     if active.size == 0:
         if len(payload):
             raise BitstreamError(f"{what}: {len(payload)} payload bytes but no vector sends a symbol in this layer")
@@ -203,13 +222,15 @@ def decode_context(
     model = _categorical()
     symbol = np.full(state.shape[0], -1, dtype=np.int64)
     order, starts = _coding_order(active, grid)
+    width = int(codec.group_size[layer].max())
+    block = max(1, _BLOCK_ENTRIES // width)
     for diagonal in np.split(order, starts):  # one round per anti-diagonal: its neighbours are all decoded
-        for b in range(0, diagonal.size, _BLOCK_ROWS):
-            pos = diagonal[b : b + _BLOCK_ROWS]
+        for b in range(0, diagonal.size, block):
+            pos = diagonal[b : b + block]
             left, top = _neighbour_symbols(symbol, state, pos, grid)
             start = state[pos]
             try:
-                sym = coder.decode(model, _rows(codec, layer, start, left, top, factors))
+                sym = coder.decode(model, _rows(codec, layer, start, left, top, factors, width))
             except Exception as e:
                 raise BitstreamError(f"{what}: context decoder failed ({e})") from None
             size = codec.group_size[layer][start]

@@ -190,6 +190,8 @@ def _read_varint(view: memoryview, pos: int, what: str) -> tuple[int, int]:
         byte = view[pos + i]
         value |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
+            if byte == 0 and i > 0:
+                raise BitstreamError(f"corrupt image file: {what} is not a minimal LEB128 (a trailing zero byte)")
             return value, pos + i + 1
     raise BitstreamError(f"corrupt image file: {what} is longer than 8 bytes")
 

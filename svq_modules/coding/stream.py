@@ -42,7 +42,7 @@ from .chunk import (
     pack_chunk,
     parse_chunk,
 )
-from .context import decode_context, encode_context, grid_of
+from .context import context_fits, decode_context, encode_context
 from .embedded import codec_from_embedded, embed_section
 from .payload import decode_entropy, decode_raw, encode_entropy, encode_raw, raw_payload_size
 from .tables import CodecTables, check_model, codec_tables, to_numpy
@@ -139,7 +139,9 @@ def compress_layers(
         coding: ``"entropy"`` (default), ``"context"`` or ``"raw"``.
             ``"context"`` (:mod:`.context`) is for indices on a grid
             ``[..., H, W]`` (image latents, feature maps): each symbol is
-            coded given its left and upper neighbours' symbols. With
+            coded given its left and upper neighbours' symbols (a grid of
+            more than ``context.MAX_DIAGONALS`` anti-diagonals is entropy
+            coded instead). With
             ``"entropy"`` or ``"context"`` a layer whose coded payload would be
             larger than its raw payload is written raw (its header says so).
         num_layers: produce layers ``0..num_layers-1`` (default all ``L``).
@@ -160,8 +162,9 @@ def compress_layers(
     L = tables.num_layers
     num_layers = L if num_layers is None else check_int(num_layers, "num_layers", min=1, max=L)
     idx, shape = _flatten_indices(indices, hierarchy.num_leaves)
-    if coding == "context":
-        grid_of(shape)
+    layer_coding_asked = coding
+    if coding == "context" and not context_fits(shape):  # raises on fewer than 2 dimensions
+        layer_coding_asked = "entropy"  # a long, thin grid: the decoder would need one round per diagonal
     codec = codec_tables(hierarchy, tables)
     n = idx.shape[0]
     centers = to_numpy(hierarchy.center) if embed_centers is not None else None
@@ -173,13 +176,13 @@ def compress_layers(
         active = np.flatnonzero(sym >= 0)
         leaves = idx[active] if active.size < n else idx
         layer_coding, step = "raw", 0
-        if coding == "entropy":
+        if layer_coding_asked == "entropy":
             step = step_arg or codec.auto_step(layer)
             payload = encode_entropy(codec, layer, step, leaves)
-        elif coding == "context":
+        elif layer_coding_asked == "context":
             payload = encode_context(codec, layer, idx, shape)
-        if coding != "raw" and len(payload) <= raw_payload_size(codec, layer, leaves):
-            layer_coding = coding
+        if layer_coding_asked != "raw" and len(payload) <= raw_payload_size(codec, layer, leaves):
+            layer_coding = layer_coding_asked
         else:  # never larger than raw: this layer goes raw
             step = 0
         if layer_coding == "raw":
@@ -222,7 +225,7 @@ def decompress_layers(
         hierarchy, tables: the model the stream was made with; or both ``None``
             to decode a self-contained stream (made with ``embed_centers``).
         chunks: ``chunks[i]`` = layer ``i``, for ``i = 0..n-1`` (bytes-like).
-            Each chunk may use either coding.
+            Each chunk may use any coding.
         num_layers: decode only the first ``num_layers`` chunks (default all given).
 
     Returns:
@@ -267,7 +270,7 @@ def decompress_layers(
 
 
 def _decode(codec: CodecTables | None, hierarchy: Hierarchy | None, parsed: list[Chunk], first: ChunkHeader) -> Decoded:
-    """Layer by layer: the active vectors, their start nodes, then the chunk's payload coder (raw or entropy)."""
+    """Layer by layer: the active vectors, their start nodes, then the chunk's payload coder."""
     if codec is not None:
         if first.fingerprint != codec.fingerprint:
             raise BitstreamError(

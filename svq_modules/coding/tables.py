@@ -246,7 +246,9 @@ class CodecTables:
             while moving.size:  # one round per tree level, vectorized over the members
                 up = parent[cur[moving]]
                 if int(up.min(initial=0)) < 0:
-                    raise ValueError("inconsistent model tables: a group member is not below its group's node")
+                    node = int(members[moving[np.argmin(up)]])
+                    raise ValueError(f"inconsistent model tables: layer {layer} member node {node} is not below "
+                                     f"its group's node")
                 pr = p_right[up]
                 prob[moving] *= np.where(is_right[cur[moving]], pr, 1.0 - pr)
                 cur[moving] = up

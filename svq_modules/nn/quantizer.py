@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from .. import distributed as svq_dist
 from ..coding import CODINGS, BitstreamError, compress_layers, decompress_layers
+from ..coding.context import grid_of
 from ..hierarchy import Hierarchy, code_statistics
 from ..layers import LayerRates, LayerTables
 from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
@@ -586,6 +587,8 @@ class ScalableVQ(nn.Module):
         check_choice(embed_centers, "embed_centers", list(EMBED_CENTERS))
         num_layers = None if num_layers is None else self._check_layers(num_layers)
         _check_input(x, self.dim, self.channel_first)
+        if coding == "context":  # indices [..., H, W]: x [..., H, W, D] or [B, D, H, W]
+            grid_of(x.shape[:1] + x.shape[2:] if self.channel_first else x.shape[:-1])
         self.index.require_built()
         self._warn_if_stale()
         return {"coding": coding, "num_layers": num_layers, "embed_centers": embed_centers}
