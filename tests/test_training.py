@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import math
 import os
 import re
@@ -234,3 +235,24 @@ def test_debug_fast_dev_run_trains_and_validates_one_batch(tmp_path):
     assert table_line(proc.stdout, "flat")  # one validation batch measured
     assert "step 1 " in proc.stdout  # one training step
     assert not (run_dir / "metrics.csv").exists()  # fast_dev_run turns the loggers off
+
+
+def test_channel_shuffle_permutes_the_colours_of_the_same_crops():
+    """With ``channel_shuffle`` each training crop is the crop without it, its RGB channels in some order;
+    about half of them are reordered. Off by default; a non-bool is refused."""
+    from svq_modules.lightning.data import RandomCropDataset, SampleImagesDataModule
+
+    dm = SampleImagesDataModule()
+    dm.setup("fit")
+    plain = RandomCropDataset(dm.train_images, 32, 64, seed=3, fixed=True)
+    shuffled = RandomCropDataset(dm.train_images, 32, 64, channel_shuffle=True, seed=3, fixed=True)
+    reordered = 0
+    for i in range(64):
+        a, b = plain[i], shuffled[i]
+        match = [c for c in itertools.permutations(range(3)) if torch.equal(a[list(c)], b)]
+        assert match, f"crop {i} is not a channel permutation of the unshuffled crop"
+        reordered += (0, 1, 2) not in match
+    assert 16 <= reordered <= 48, reordered
+    assert SampleImagesDataModule().channel_shuffle is False
+    with pytest.raises(ValueError, match="channel_shuffle='yes' is not allowed: true or false"):
+        SampleImagesDataModule(channel_shuffle="yes")
