@@ -28,10 +28,10 @@ unless said otherwise:
   several lambdas (``lambda * 255**2 * MSE + bpp``), real bytes of ``compress()``;
 * JPEG and WebP (Pillow) quality sweeps.
 
-Averages are over the images (mean bpp, mean PSNR per setting). BD-rate: cubic fit of
-log-rate against PSNR for both curves, the mean log-rate difference over the PSNR range
-both cover (negative = ours needs fewer bits). MS-SSIM uses 4 scales (the 128-pixel
-wide held-out strips are too narrow for 5). Trained peers are cached under
+Averages are over the images (mean bpp, mean PSNR per setting). BD-rate: log-rate against
+PSNR for both curves through their efficient points by piecewise cubic Hermite interpolation,
+the mean log-rate difference over the PSNR range both cover (negative = ours needs fewer bits).
+MS-SSIM uses 4 scales (the 128-pixel wide held-out strips are too narrow for 5). Trained peers are cached under
 ``bench/.cache/codec`` keyed by steps and a hash of the model/data configuration.
 """
 
@@ -405,20 +405,33 @@ def compressai_codec(net: Any) -> Callable[[np.ndarray], Points]:
 def bd_rate(ours: np.ndarray, peer: np.ndarray) -> float:
     """Bjontegaard delta rate of ``ours`` against ``peer`` in percent (``[P, 2]`` (bpp, PSNR) points each).
 
-    Cubic (or lower, with fewer points) fit of ``log(bpp)`` as a function of PSNR for each
-    curve, integrated over the PSNR interval both cover; ``exp(mean difference) - 1``.
-    Negative: ours needs fewer bits for the same PSNR. NaN when the curves do not overlap.
+    ``log(bpp)`` as a function of PSNR for each curve, through its efficient points (PSNR and bpp both
+    rising), by piecewise cubic Hermite interpolation (PCHIP: no overshoot, so near-flat stretches of a
+    curve do not swing a polynomial fit), averaged over the PSNR interval both cover;
+    ``exp(mean difference) - 1``. Negative: ours needs fewer bits for the same PSNR. NaN when the
+    curves do not overlap.
     """
-    lo = max(ours[:, 1].min(), peer[:, 1].min())
-    hi = min(ours[:, 1].max(), peer[:, 1].max())
+    from scipy.interpolate import PchipInterpolator
+
+    curves = [_efficient(pts) for pts in (ours, peer)]
+    if min(len(c) for c in curves) < 2:
+        return math.nan
+    lo = max(c[:, 1].min() for c in curves)
+    hi = min(c[:, 1].max() for c in curves)
     if not hi > lo:
         return math.nan
-    integrals = []
-    for pts in (ours, peer):
-        deg = min(3, len(pts) - 1)
-        poly = np.polyint(np.polyfit(pts[:, 1], np.log(pts[:, 0]), deg))
-        integrals.append((np.polyval(poly, hi) - np.polyval(poly, lo)) / (hi - lo))
-    return float((math.exp(integrals[0] - integrals[1]) - 1) * 100)
+    means = [PchipInterpolator(c[:, 1], np.log(c[:, 0])).integrate(lo, hi) / (hi - lo) for c in curves]
+    return float((math.exp(means[0] - means[1]) - 1) * 100)
+
+
+def _efficient(points: np.ndarray) -> np.ndarray:
+    """The points of a curve in PSNR order where both PSNR and bpp rise over the previous kept point."""
+    pts = points[np.argsort(points[:, 1], kind="stable")]
+    keep = [0]
+    for i in range(1, len(pts)):  # a handful of rate points
+        if pts[i, 1] > pts[keep[-1], 1] and pts[i, 0] > pts[keep[-1], 0]:
+            keep.append(i)
+    return pts[keep]
 
 
 def near(points: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -437,6 +450,14 @@ def interp_psnr(points: np.ndarray, bpp: float) -> float:
     x, y = np.log(points[order, 0]), points[order, 1]
     b = math.log(bpp)
     return float(np.interp(b, x, y)) if x[0] <= b <= x[-1] else math.nan
+
+
+def _against_jpeg(point: np.ndarray, jpeg: np.ndarray) -> str:
+    """One cell of the per-image JPEG table: ``point`` (bpp, PSNR, ...) of ours against the JPEG sweep."""
+    lowest = jpeg[np.argmin(jpeg[:, 0])]
+    if point[0] < lowest[0]:
+        return f"below q=1 ({point[1]:.1f} dB vs {lowest[1]:.1f} dB at {lowest[0]:.3f} bpp)"
+    return f"{point[1] - interp_psnr(jpeg[:, :2], point[0]):+.2f}"
 
 
 def measure(codec: Callable[[np.ndarray], Points], images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -545,6 +566,11 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
             for k, v in mean.items() if k.startswith("flat")]
     lines += ["**Ours against flat VQs** at the flat VQ's rate (ours interpolated):", "",
               markdown_table(["flat VQ", "bpp", "PSNR dB", "ours dB at that bpp", "ours - flat"], flat), ""]
+    lines += ["**Ours against JPEG per image** (ours dB - JPEG dB at ours' bpp; `below q=1`: ours' file is smaller "
+              "than JPEG's smallest, quality 1, whose PSNR follows in brackets):", "",
+              markdown_table(["image", *(f"layer {l}" for l in range(ours.shape[0]))],
+                             [[n, *(_against_jpeg(rows["ours"][n][l], rows["JPEG"][n]) for l in range(ours.shape[0]))]
+                              for n in images]), ""]
     per = [[n, k, ", ".join(f"{b:.3f}/{p:.2f}" for b, p in rows[k][n][:, :2])] for n in images
            for k in ("ours", "JPEG", "CompressAI factorized") if k in rows]
     lines += ["**Per image** (bpp/PSNR):", "", markdown_table(["image", "codec", "bpp/PSNR"], per), ""]
@@ -562,7 +588,8 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
                              styles={"JPEG": {"linestyle": "--"}, "WebP": {"linestyle": "--"}},
                              title="whole held-out images (mean)")
         write_report("codec", "Image codec: the default model against JPEG, WebP and learned peers",
-                     body + f"\n\n![rate-distortion](../images/{RD_PNG.name})\n")
+                     body + f"\n\n![rate-distortion](../images/{RD_PNG.name})\n",  # from docs/benchmarks/
+                     readme=body + f"\n\n![rate-distortion](docs/images/{RD_PNG.name})\n")  # from the root
 
 
 if __name__ == "__main__":
