@@ -425,11 +425,11 @@ def bd_rate(ours: np.ndarray, peer: np.ndarray) -> float:
 
 
 def _efficient(points: np.ndarray) -> np.ndarray:
-    """The points of a curve in PSNR order where both PSNR and bpp rise over the previous kept point."""
-    pts = points[np.argsort(points[:, 1], kind="stable")]
+    """The efficient points of a curve: in bpp order, each one with a higher PSNR than every cheaper point."""
+    pts = points[np.lexsort((-points[:, 1], points[:, 0]))]  # bpp ascending, PSNR descending on ties
     keep = [0]
     for i in range(1, len(pts)):  # a handful of rate points
-        if pts[i, 1] > pts[keep[-1], 1] and pts[i, 0] > pts[keep[-1], 0]:
+        if pts[i, 1] > pts[keep[-1], 1]:
             keep.append(i)
     return pts[keep]
 
@@ -454,9 +454,11 @@ def interp_psnr(points: np.ndarray, bpp: float) -> float:
 
 def _against_jpeg(point: np.ndarray, jpeg: np.ndarray) -> str:
     """One cell of the per-image JPEG table: ``point`` (bpp, PSNR, ...) of ours against the JPEG sweep."""
-    lowest = jpeg[np.argmin(jpeg[:, 0])]
+    lowest, highest = jpeg[np.argmin(jpeg[:, 0])], jpeg[np.argmax(jpeg[:, 0])]
     if point[0] < lowest[0]:
         return f"below q=1 ({point[1]:.1f} dB vs {lowest[1]:.1f} dB at {lowest[0]:.3f} bpp)"
+    if point[0] > highest[0]:
+        return f"above q={JPEG_QUALITIES[-1]} ({point[1]:.1f} dB vs {highest[1]:.1f} dB at {highest[0]:.3f} bpp)"
     return f"{point[1] - interp_psnr(jpeg[:, :2], point[0]):+.2f}"
 
 
@@ -547,14 +549,17 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
     lines = [f"Images: {', '.join(f'{k} ({v.shape[1]}x{v.shape[0]})' for k, v in images.items())}; "
              f"peers trained {steps} steps on the default run's crops. Ours: `{where}`.", ""]
     # per layer: ours against JPEG / WebP at the same bpp (per image, then averaged) and the flat VQ
-    header = ["layer", "bpp", "PSNR dB", "MS-SSIM", "JPEG dB at same bpp", "ours - JPEG", "WebP dB at same bpp",
-              "ours - WebP"]
+    header = ["layer", "bpp", "PSNR dB", "MS-SSIM", "ours - JPEG", "images", "ours - WebP", "images"]
     table = []
     for l in range(ours.shape[0]):
-        jpeg = np.mean([interp_psnr(rows["JPEG"][n][:, :2], rows["ours"][n][l, 0]) for n in images])
-        webp = np.mean([interp_psnr(rows["WebP"][n][:, :2], rows["ours"][n][l, 0]) for n in images])
-        table.append([l, ours[l, 0], ours[l, 1], ours[l, 2], jpeg, ours[l, 1] - jpeg, webp, ours[l, 1] - webp])
-    lines += ["**Ours per layer** (mean over the images; JPEG/WebP interpolated at each image's own bpp):", "",
+        row: list[Any] = [l, ours[l, 0], ours[l, 1], ours[l, 2]]
+        for peer in ("JPEG", "WebP"):  # ours dB - peer dB at ours' bpp, on the images whose sweep reaches it
+            gaps = [rows["ours"][n][l, 1] - interp_psnr(rows[peer][n][:, :2], rows["ours"][n][l, 0]) for n in images]
+            gaps = [g for g in gaps if math.isfinite(g)]
+            row += [float(np.mean(gaps)) if gaps else math.nan, f"{len(gaps)} of {len(images)}"]
+        table.append(row)
+    lines += ["**Ours per layer** (mean over the images; ours - JPEG / WebP: the mean over the images whose sweep "
+              "reaches ours' bpp there, interpolated in log bpp; see the per-image table below):", "",
               markdown_table(header, table), ""]
     peers = [[k, ", ".join(f"{b:.3f}" for b in v[:, 0]), ", ".join(f"{p:.2f}" for p in v[:, 1]),
               ", ".join(f"{s:.3f}" for s in v[:, 2]),

@@ -10,8 +10,9 @@ Three data modules, all light on dependencies (PIL and numpy only, no torchvisio
   ``.pt`` file (the seed's use case, e.g. attributes of 3-D points).
 
 Image data modules hold every image in memory as ``uint8`` and cut crops on the fly:
-random crops (with optional horizontal flips) for training, a fixed grid of crops for
-validation. Validation comes from a held-out region of every image (its rightmost
+random crops (with optional horizontal flips and colour-channel shuffles) for training,
+a fixed grid of crops for validation. Validation comes from a held-out region of every
+image (its rightmost
 ``val_fraction`` of columns) unless the folder has ``train/`` and ``val/`` sub-folders,
 so the validation figures are measured on pixels the model never trained on.
 ``val_fraction=1.0`` turns whole images into validation data (useful for ``eval.py``).
@@ -237,8 +238,8 @@ class ImageCropDataModule(_LoadersMixin, L.LightningDataModule):
             validation when there is no separate validation set. 1.0 = whole images.
         max_val_crops: cap on the number of validation crops (evenly picked).
         hflip: random horizontal flips of the training crops.
-        channel_shuffle: half of the training crops get their colour channels in a
-            random order: more colours than a few photos hold (the default run's
+        channel_shuffle: half of the training crops get a random order of their colour
+            channels (one in six of those the identity): more colours than a few photos hold (the default run's
             model, trained on two photos, gains about 2 dB at full depth on
             held-out photos at a lower rate: ``bench/bench_codec.py``).
         num_workers: dataloader workers (0 = load in the main process; crops are cheap).
