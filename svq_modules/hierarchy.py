@@ -973,10 +973,10 @@ def _merge_duplicate_roots(state: MergeState, constraints: Tensor) -> int:
     if constraints.shape[0]:  # and the same finest label (labels compacted: any int64 values)
         fine = torch.unique(constraints[-1], return_inverse=True)[1][state.some_leaf[nodes]]
         _, group = torch.unique(group * (int(fine.max()) + 1) + fine, return_inverse=True)
+    order = torch.argsort(group, stable=True)  # groups stay contiguous round after round
+    nodes, group = nodes[order], group[order]
     merged = 0
     while True:
-        order = torch.argsort(group, stable=True)
-        nodes, group = nodes[order], group[order]
         rank = torch.arange(nodes.numel(), device=nodes.device) - torch.searchsorted(group, group)
         first = torch.zeros_like(rank, dtype=torch.bool)
         first[:-1] = (group[1:] == group[:-1]) & (rank[:-1] % 2 == 0)  # pairs (rank 2i, 2i + 1) in each group
@@ -985,8 +985,7 @@ def _merge_duplicate_roots(state: MergeState, constraints: Tensor) -> int:
         i = first.nonzero().squeeze(1)
         a, b = nodes[i], nodes[i + 1]
         state.nn_cost[a] = 0.0
-        nodes = nodes.clone()
-        nodes[i] = _record_merges(state, a, b, constraints.shape[0])
+        nodes[i] = _record_merges(state, a, b, constraints.shape[0])  # the pair's new node takes its place
         merged += a.numel()
         keep = torch.ones_like(first)
         keep[i + 1] = False

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .chunk import BitstreamError
+from .payload import categorical_model
 from .tables import CodecTables
 
 __all__ = ["FACTOR_ONE", "MAX_DIAGONALS", "context_fits", "decode_context", "encode_context", "grid_of"]
@@ -71,12 +72,6 @@ def context_fits(batch_shape: Sequence[int]) -> bool:
     :data:`MAX_DIAGONALS` anti-diagonals (a longer, thinner grid would cost the decoder one round per diagonal)."""
     h, w = grid_of(batch_shape)
     return h + w - 1 <= MAX_DIAGONALS
-
-
-def _categorical():
-    import constriction
-
-    return constriction.stream.model.Categorical(perfect=False)
 
 
 def _coding_order(active: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +162,7 @@ def encode_context(codec: CodecTables, layer: int, leaves: np.ndarray, batch_sha
     left, top = _neighbour_symbols(symbol, node, order, grid)
     start, sym = node[order], symbol[order]
     factors = _choose_factors(codec, layer, start, sym, left, top)
-    model, coder = _categorical(), constriction.stream.stack.AnsCoder()
+    model, coder = categorical_model(), constriction.stream.stack.AnsCoder()
     width = int(codec.group_size[layer].max())
     block = max(1, _BLOCK_ENTRIES // width)
     for b in reversed(range(0, order.size, block)):  # ANS is a stack: the last block first
@@ -219,7 +214,7 @@ def decode_context(
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload[2:], dtype="<u4").astype(np.uint32))
     except Exception as e:  # e.g. a trailing zero word
         raise BitstreamError(f"{what}: invalid context-coded payload ({e})") from None
-    model = _categorical()
+    model = categorical_model()
     symbol = np.full(state.shape[0], -1, dtype=np.int64)
     order, starts = _coding_order(active, grid)
     width = int(codec.group_size[layer].max())

@@ -24,6 +24,7 @@ from .tables import CodecTables
 
 __all__ = [
     "BLOCK_ROWS",
+    "categorical_model",
     "decode_entropy",
     "decode_raw",
     "encode_entropy",
@@ -37,7 +38,8 @@ __all__ = [
 BLOCK_ROWS = 1 << 18
 
 
-def _categorical():
+def categorical_model():
+    """The model of every ANS coder of the format: constriction's categorical with leaky quantization (``perfect=False``)."""
     import constriction
 
     return constriction.stream.model.Categorical(perfect=False)
@@ -136,7 +138,7 @@ def encode_entropy(codec: CodecTables, layer: int, k: int, leaves: np.ndarray) -
         return b""
     symbols, nodes, steps = codec.leaf_steps(layer, k)
     _, prob = codec.step_tables(k)
-    model = _categorical()
+    model = categorical_model()
     selections = [leaves]
     for s in range(1, len(symbols)):
         prev = selections[-1]
@@ -173,7 +175,7 @@ def decode_entropy(codec: CodecTables, layer: int, k: int, start: np.ndarray, pa
     dest_tab, prob = codec.step_tables(k)
     dest_flat = dest_tab.reshape(-1)
     cols = dest_tab.shape[1]
-    model = _categorical()
+    model = categorical_model()
     is_member = codec.is_member[layer]
     if not (codec.opened_layer[start] == layer).all():
         raise BitstreamError(f"{what}: a vector's group is not split by this layer (inconsistent model data)")
