@@ -57,7 +57,7 @@ _EMPTY_WEIGHT = 1e-6
 # elements of one block of the distance matrix (rows x active nodes)
 _DEFAULT_BLOCK_ELEMENTS = 1 << 19
 # partners remembered per node by the Ward merge loop
-_CANDIDATES = 16
+_CANDIDATES = 8
 # longer lists for very large codebooks, where full rescans dominate
 _CANDIDATES_LARGE = 64
 _LARGE_CODEBOOK = 32768
