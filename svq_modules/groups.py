@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Pieces", "split_pieces", "piece_batches"]
+__all__ = ["Pieces", "rank_in_runs", "split_pieces", "piece_batches"]
 
 
 class Pieces(NamedTuple):
@@ -56,6 +56,12 @@ class Pieces(NamedTuple):
         return self.order[pos], valid
 
 
+def rank_in_runs(keys: Tensor) -> Tensor:
+    """``[n]`` int64 position of each element among its equal keys, for ``keys [n]`` sorted
+    ascending: ``[3, 3, 5, 7, 7, 7] -> [0, 1, 0, 0, 1, 2]``."""
+    return torch.arange(keys.shape[0], device=keys.device) - torch.searchsorted(keys, keys)
+
+
 def split_pieces(row_group: Tensor, group_rank: Tensor, max_rows: int) -> Pieces:
     """Order rows by ``group_rank[row_group]`` and cut each group's rows into pieces.
 
@@ -68,11 +74,10 @@ def split_pieces(row_group: Tensor, group_rank: Tensor, max_rows: int) -> Pieces
     Returns:
         :class:`Pieces` (pieces follow the group order).
     """
-    device = row_group.device
     rank = group_rank[row_group]
     order = torch.argsort(rank, stable=True)
     rank_sorted = rank[order]
-    pos = torch.arange(order.shape[0], device=device) - torch.searchsorted(rank_sorted, rank_sorted)
+    pos = rank_in_runs(rank_sorted)
     start = ((pos % max_rows) == 0).nonzero().squeeze(1)
     length = torch.diff(start, append=start.new_tensor([order.shape[0]]))
     return Pieces(order=order, start=start, length=length, group=row_group[order[start]])

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .groups import rank_in_runs
 from .linkage import LINKAGES, candidate_rows, pair_costs
 from .tree import scan_to_marked
 from .validation import check_codebook, check_finite, check_indices, check_int
@@ -687,7 +688,7 @@ def _group_tables(items: Tensor, group: Tensor, sizes: Tensor) -> list[Tensor]:
         width = torch.full_like(width, widest)
     order = torch.argsort(group, stable=True)
     slot = torch.empty_like(order)
-    slot[order] = torch.arange(items.numel(), device=items.device) - torch.searchsorted(group[order], group[order])
+    slot[order] = rank_in_runs(group[order])
     tables = []
     for size in torch.unique(width).tolist():
         in_class = width == size
@@ -864,7 +865,7 @@ def _cheapest_within_room(state: MergeState, active: Tensor, a: Tensor, max_root
     order = torch.argsort(state.nn_cost[a], stable=True)
     order = order[torch.argsort(g[order], stable=True)]
     g_sorted = g[order]
-    rank = torch.arange(a.numel(), device=a.device) - torch.searchsorted(g_sorted, g_sorted)
+    rank = rank_in_runs(g_sorted)
     keep = order[rank < (roots - max_roots)[g_sorted]]
     return a[keep.sort().values]
 
@@ -977,7 +978,7 @@ def _merge_duplicate_roots(state: MergeState, constraints: Tensor) -> int:
     nodes, group = nodes[order], group[order]
     merged = 0
     while True:
-        rank = torch.arange(nodes.numel(), device=nodes.device) - torch.searchsorted(group, group)
+        rank = rank_in_runs(group)
         first = torch.zeros_like(rank, dtype=torch.bool)
         first[:-1] = (group[1:] == group[:-1]) & (rank[:-1] % 2 == 0)  # pairs (rank 2i, 2i + 1) in each group
         if not bool(first.any()):
@@ -1037,7 +1038,7 @@ def _chain_empty_codes(state: MergeState, empty: Tensor, target: Tensor, dist: T
     first = torch.ones_like(empty, dtype=torch.bool)
     first[1:] = target[1:] != target[:-1]
     previous = torch.where(first, target, new - 1)  # chain: code, then one merge per empty code
-    rank = torch.arange(empty.numel(), device=empty.device) - torch.searchsorted(target, target)
+    rank = rank_in_runs(target)
     state.parent[empty] = new
     state.parent[previous] = new
     state.children[new - num_codes] = torch.stack([previous, empty], dim=1)

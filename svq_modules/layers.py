@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .groups import rank_in_runs
 from .hierarchy import Hierarchy
 from .tree import node_depth, scan_to_marked
 from .validation import PROPOSALS, BitProposal, check_bit_proposal, check_bits_list, check_indices, check_int
@@ -197,7 +198,7 @@ class _Cutter:
                 order = order[torch.argsort(-key[cand][order], stable=True)]
                 order = order[torch.argsort(owner[cand][order], stable=True)]
                 grp = owner[cand][order]
-                rank = torch.arange(grp.numel(), device=grp.device) - torch.searchsorted(grp, grp)
+                rank = rank_in_runs(grp)
                 new[cand[order[rank < (1 << bits) - 1]]] = True
         opened = opened | new
         has_parent = self.h.parent >= 0

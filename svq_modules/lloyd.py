@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .groups import piece_batches, split_pieces
+from .groups import piece_batches, rank_in_runs, split_pieces
 from .validation import check_int
 
 __all__ = [
@@ -71,7 +71,7 @@ def cell_table(cells: Tensor, parents: Tensor) -> CellTable:
     cell_parent = torch.zeros(num_cells, dtype=torch.long, device=device).scatter_(0, cell, parent)
     order = torch.argsort(cell_parent, stable=True)
     sorted_parent = cell_parent[order]
-    slot_sorted = torch.arange(num_cells, device=device) - torch.searchsorted(sorted_parent, sorted_parent)
+    slot_sorted = rank_in_runs(sorted_parent)
     options = torch.full((int(parent.max()) + 1, int(slot_sorted.max()) + 1), -1, dtype=torch.long, device=device)
     options[sorted_parent, slot_sorted] = order
     slot = torch.empty_like(slot_sorted)

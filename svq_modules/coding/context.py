@@ -101,6 +101,13 @@ def _neighbour_symbols(
     return out[0], out[1]
 
 
+def _row_blocks(codec: CodecTables, layer: int) -> tuple[int, int]:
+    """``(width, block)``: the widest group of ``layer`` (entries per probability row) and the
+    vectors coded per call, so that a call's rows hold about ``_BLOCK_ENTRIES`` entries."""
+    width = int(codec.group_size[layer].max())
+    return width, max(1, _BLOCK_ENTRIES // width)
+
+
 def _rows(
     codec: CodecTables, layer: int, start: np.ndarray, left: np.ndarray, top: np.ndarray, factors: tuple[int, int],
     width: int,
@@ -163,8 +170,7 @@ def encode_context(codec: CodecTables, layer: int, leaves: np.ndarray, batch_sha
     start, sym = node[order], symbol[order]
     factors = _choose_factors(codec, layer, start, sym, left, top)
     model, coder = categorical_model(), constriction.stream.stack.AnsCoder()
-    width = int(codec.group_size[layer].max())
-    block = max(1, _BLOCK_ENTRIES // width)
+    width, block = _row_blocks(codec, layer)
     for b in reversed(range(0, order.size, block)):  # ANS is a stack: the last block first
         s = slice(b, b + block)
         rows = _rows(codec, layer, start[s], left[s], top[s], factors, width)
@@ -217,8 +223,7 @@ def decode_context(
     model = categorical_model()
     symbol = np.full(state.shape[0], -1, dtype=np.int64)
     order, starts = _coding_order(active, grid)
-    width = int(codec.group_size[layer].max())
-    block = max(1, _BLOCK_ENTRIES // width)
+    width, block = _row_blocks(codec, layer)
     for diagonal in np.split(order, starts):  # one round per anti-diagonal: its neighbours are all decoded
         for b in range(0, diagonal.size, block):
             pos = diagonal[b : b + block]
