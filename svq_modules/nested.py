@@ -28,7 +28,7 @@ constant):
      next level is cut again inside the new cells by Ward agglomeration and
      both levels are refined jointly from there (in ``bench/bench_core.py``
      this lowered the 6-bit layers by up to 6 %, against refining the next
-     level alone, for at most 1.3 % on the base layer); of the two, the one
+     level alone, for at most 1.5 % more on the base layer); of the two, the one
      whose worse level, as a ratio to the greedy cut's error at that level,
      is lower is kept;
 3. one constrained build (:func:`~svq_modules.hierarchy.build_constrained_hierarchy`)
@@ -251,7 +251,10 @@ def nested_cells(
     reference = [cell_error(points, weights, cells) for cells in start[:2]]  # of the base-layer choice
     parent = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
     current, finer = start[0], (start[1] if num_listed > 1 else None)
-    split = _SplitCache(points, weights, start, widths, block_size)
+
+    def split(cells: Tensor, layer: int) -> Tensor:  # cells cut into layer ``layer``'s, on layer + 1's greedy cells
+        return _ward_split(points, weights, cells, start[layer + 1], widths[layer], block_size)
+
     out: list[Tensor] = []
     for layer in range(num_listed):
         if finer is None:  # the last listed layer, on its own
@@ -272,25 +275,6 @@ def nested_cells(
         parent, current = joint
         finer = split(current, layer + 2) if layer + 2 < num_listed else None
     return out
-
-
-class _SplitCache:
-    """:func:`_ward_split` of cells into layer ``l``'s cells, on the greedy cut's layer-``l+1``
-    cells as units; repeated calls with the same cells reuse the result."""
-
-    def __init__(self, points: Tensor, weights: Tensor, start: list[Tensor], widths: list[int],
-                 block_size: int | None) -> None:
-        self.points, self.weights, self.start, self.widths, self.block_size = points, weights, start, widths, block_size
-        self.done: list[tuple[int, Tensor, Tensor]] = []
-
-    def __call__(self, cells: Tensor, layer: int) -> Tensor:
-        for known_layer, known_cells, result in self.done:
-            if known_layer == layer and torch.equal(known_cells, cells):
-                return result
-        units = self.start[layer + 1]
-        result = _ward_split(self.points, self.weights, cells, units, self.widths[layer], self.block_size)
-        self.done = [*self.done[-3:], (layer, cells, result)]
-        return result
 
 
 def _level_weights(points: Tensor, weights: Tensor, coarse: Tensor, fine: Tensor) -> tuple[float, float]:
