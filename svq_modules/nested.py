@@ -260,7 +260,9 @@ def nested_cells(
         if finer is None:  # the last listed layer, on its own
             out.append(lloyd_within(current, parent, points, weights, iters))
             break
-        lam = _level_weights(points, weights, current, finer)
+        # the base layer's start is the greedy cut, whose errors are the references already measured
+        errors = reference if layer == 0 else [cell_error(points, weights, cells) for cells in (current, finer)]
+        lam = _level_weights(*errors)
         joint = joint_lloyd(parent, current, finer, points, weights, lam, iters)
         if layer == 0:  # the base layer may also take the sequential candidate (see the module docstring)
             alone = lloyd_within(current, parent, points, weights, iters)
@@ -277,10 +279,9 @@ def nested_cells(
     return out
 
 
-def _level_weights(points: Tensor, weights: Tensor, coarse: Tensor, fine: Tensor) -> tuple[float, float]:
-    """Weights making both levels' relative errors count alike in :func:`~svq_modules.lloyd.joint_lloyd`."""
-    coarse_error = cell_error(points, weights, coarse)
-    fine_error = cell_error(points, weights, fine)
+def _level_weights(coarse_error: float, fine_error: float) -> tuple[float, float]:
+    """Weights making both levels' relative errors (their :func:`~svq_modules.lloyd.cell_error`)
+    count alike in :func:`~svq_modules.lloyd.joint_lloyd`."""
     if coarse_error <= 0:
         return 1.0, 1.0
     return 1.0, coarse_error / max(fine_error, coarse_error / _MAX_LEVEL_WEIGHT)
