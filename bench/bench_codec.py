@@ -138,6 +138,20 @@ def ours_codec(ckpt: Path, last_only: bool = False, coding: str = "context") -> 
     return run
 
 
+@torch.no_grad()
+def unquantized_psnr(ckpt: Path, images: dict[str, np.ndarray]) -> dict[str, float]:
+    """PSNR per image of the checkpoint's autoencoder with its latents *not* quantized (no rate): what the
+    transforms alone allow, an upper bound the quantizer's layers can only approach."""
+    from svq_modules.cli.images import load_autoencoder
+
+    model = load_autoencoder(ckpt, str(ckpt)).eval()
+    out = {}
+    for name, pixels in images.items():
+        x, size = _to_tensor(pixels, model.hparams.patch_size)
+        out[name] = psnr(pixels, _to_pixels(model.decode(model.encode(x)), size))
+    return out
+
+
 def _to_tensor(pixels: np.ndarray, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     h, w = pixels.shape[:2]
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0
@@ -520,7 +534,8 @@ def main() -> None:
         peers(rows, images, steps, "" if args.no_compressai else args.lambdas, notes)
     rows["JPEG"] = measure(pillow_codec("JPEG", JPEG_QUALITIES), images)
     rows["WebP"] = measure(pillow_codec("WEBP", WEBP_QUALITIES), images)
-    write(rows, images, steps, ckpt, notes, report=not (args.no_report or args.ours_only))
+    write(rows, images, steps, ckpt, notes, report=not (args.no_report or args.ours_only),
+          unquantized=unquantized_psnr(ckpt, images))
 
 
 def peers(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray], steps: int, lambdas: str,
@@ -542,7 +557,7 @@ def peers(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
 
 
 def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray], steps: int, ckpt: Path,
-          notes: list[str], report: bool) -> None:
+          notes: list[str], report: bool, unquantized: dict[str, float]) -> None:
     mean = {k: mean_curve(v) for k, v in rows.items()}
     ours = mean["ours"]
     where = ckpt.relative_to(REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else ckpt
@@ -576,6 +591,12 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
               markdown_table(["image", *(f"layer {l}" for l in range(ours.shape[0]))],
                              [[n, *(_against_jpeg(rows["ours"][n][l], rows["JPEG"][n]) for l in range(ours.shape[0]))]
                               for n in images]), ""]
+    ceiling = [[n, rows["ours"][n][-1, 0], rows["ours"][n][-1, 1], unquantized[n],
+                interp_psnr(rows["JPEG"][n][:, :2], rows["ours"][n][-1, 0])] for n in images]
+    lines += ["**The autoencoder's ceiling**: PSNR with the latents not quantized (no rate; the transforms alone), "
+              "against full depth and JPEG at full depth's bpp:", "",
+              markdown_table(["image", "full depth bpp", "full depth dB", "latents not quantized dB",
+                              "JPEG dB at full depth's bpp"], ceiling), ""]
     per = [[n, k, ", ".join(f"{b:.3f}/{p:.2f}" for b, p in rows[k][n][:, :2])] for n in images
            for k in ("ours", "JPEG", "CompressAI factorized") if k in rows]
     lines += ["**Per image** (bpp/PSNR):", "", markdown_table(["image", "codec", "bpp/PSNR"], per), ""]
