@@ -14,7 +14,12 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
 
 def nearest_codewords(
-    x: Tensor, codebook: Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, with_gap: bool = False
+    x: Tensor,
+    codebook: Tensor,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    with_gap: bool = False,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Nearest codeword of every row of ``x``, in blocks of rows.
 
@@ -30,11 +35,16 @@ def nearest_codewords(
         with_gap: also return ``gap [N]``: the squared distance to the second
             nearest codeword minus that to the nearest (the error added if the
             nearest codeword were removed; ``inf`` when K == 1).
+        bias: ``[K]`` float added to every squared distance to codeword ``k``
+            (e.g. a rate penalty; the pick is then the least ``||x - c_k||^2 + bias_k``,
+            and ``gap`` compares those sums).
 
     Returns:
         ``(indices [N] int64, gap [N] | None)``; ties go to the lowest index.
     """
     half_sq = 0.5 * codebook.pow(2).sum(1)
+    if bias is not None:
+        half_sq = half_sq + 0.5 * bias
     ct = codebook.t()
     rows = max(1, int(chunk_elements) // max(1, codebook.shape[0]))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -16,6 +17,7 @@ __all__ = [
     "check_int",
     "check_bool",
     "check_choice",
+    "check_weight",
     "check_finite",
     "check_codebook",
     "check_indices",
@@ -57,6 +59,18 @@ def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
     return bool(value)
+
+
+def check_weight(value: Any, name: str) -> float:
+    """The one check of a non-negative weight: ``value`` as a finite Python float >= 0.
+
+    Accepts Python and NumPy ints and floats, never bools, strings, NaN or Inf. Raises
+    ``ValueError`` naming the argument and the value.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            0.0 <= float(value) < math.inf):  # fmt: skip
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return float(value)
 
 
 def check_choice(value: Any, name: str, allowed: Sequence[Any]) -> Any:

@@ -344,3 +344,25 @@ def test_image_file_bytes(files):
         pack_image_file(wrong, f.chunks)
     with pytest.raises(ValueError, match="latent grid"):
         pack_image_file(f.header._replace(grid=(9, 14)), f.chunks)
+
+
+def test_rate_weight_option(files, capsys, tmp_path):
+    """``--rate-weight``: 0 is the nearest codeword; a larger weight gives a smaller file, which still decodes at
+    every layer; a bad value exits 1 with one line and no file."""
+    d = files
+    sizes, quality = {}, {}
+    for w in ("0", "2", "8"):
+        out = tmp_path / f"w{w}.svq"
+        assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", out, "--rate-weight", w) == 0
+        sizes[w] = out.stat().st_size
+        quality[w] = psnr(decode(capsys, d, out, tmp_path / f"w{w}.png"), pixels(d / "odd.png"))
+        assert info_json(capsys, out)["num_layers"] == LAYERS
+    assert sizes["0"] >= sizes["2"] >= sizes["8"] and sizes["0"] > sizes["8"], sizes
+    assert quality["0"] >= quality["8"], quality
+    # the default is the documented weight
+    from svq_modules.cli.images import RATE_WEIGHT
+
+    assert (d / "odd.svq").read_bytes() == (tmp_path / f"w{RATE_WEIGHT:g}.svq").read_bytes()
+    err = assert_refused(capsys, tmp_path / "bad.svq", "compress", d / "odd.png", "--model", d / "model.ckpt",
+                         "-o", tmp_path / "bad.svq", "--rate-weight", "nan")
+    assert "--rate-weight must be a finite float >= 0, got nan" in err

@@ -23,7 +23,7 @@ from ..coding.image_file import has_image_magic
 from ..validation import check_int, check_vectors
 from .errors import CLIError
 from .fit import FitOptions, check_fit_options, fit_model
-from .images import compress_image, decompress_image, info_image, is_image_path
+from .images import compress_image, decompress_image, info_image, is_image_path, rate_weight_option
 from .model_file import load_model, model_to_bytes, pack_model, unpack_model
 from .outputs import bytes_writer, write_outputs
 from .paths import check_distinct, check_input_file, check_output_file
@@ -106,6 +106,7 @@ def compress_array(args: argparse.Namespace) -> int:
     """Train (or load) a ScalableVQ on an ``[N, D]`` array and write its layered ``.svq`` file."""
     # 1. options and files, before any work
     _check_compress_options(args)
+    rate_weight = rate_weight_option(args, 0.0)
     opts = _fit_options(args)
     if not args.model:
         check_fit_options(opts)  # values; K against N once the data is read
@@ -133,7 +134,7 @@ def compress_array(args: argparse.Namespace) -> int:
         vq = fit_model(x, opts)
     store_model = not args.model and not args.no_store_model
     with torch.no_grad():
-        idx = vq.quantize(x)
+        idx = vq.quantize(x, rate_weight, relative=True)
     chunks = compress_layers(vq.hierarchy, vq.tables, idx, coding=args.coding or "entropy",
                              embed_centers=args.embed_centers)
     data_bytes = pack_container(chunks, pack_model(vq) if store_model else None)

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="payload coding (default: context for images, entropy for arrays; context needs a grid of "
                         "latents, so images only)")
     c.add_argument("--embed-centers", choices=["float16", "float32"], help="self-contained chunks carrying their centers")
+    c.add_argument("--rate-weight", type=float, metavar="W",
+                   help="pick each vector's codeword by least error + W x (mean error) x (its code length in bits): "
+                        "smaller files, larger errors (default: 2 for images, 0 for arrays: the nearest codeword)")
     t = c.add_argument_group("training (not with --model)")
     t.add_argument("--codebook-size", type=int, help="K, number of codewords, at most N (default 1024)")
     t.add_argument("--bits", type=_bits, help="bits per layer, base first (default 4,2,2,2,2)")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import distributed as svq_dist
 from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
-from ..validation import check_bool, check_choice, check_int
+from ..validation import check_bool, check_choice, check_int, check_weight
 
 __all__ = ["EMACodebook", "DEAD_CODE_SAMPLINGS", "kmeans_plus_plus"]
 
@@ -194,9 +194,8 @@ class EMACodebook(nn.Module):
         self.dim = check_int(dim, "dim", min=1)
         if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
-        for name, value in (("eps", eps), ("threshold_ema_dead_code", threshold_ema_dead_code)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+        check_weight(eps, "eps")
+        check_weight(threshold_ema_dead_code, "threshold_ema_dead_code")
         check_choice(dead_code_sampling, "dead_code_sampling", DEAD_CODE_SAMPLINGS)
         self.decay = float(decay)
         self.eps = float(eps)
@@ -248,10 +247,11 @@ class EMACodebook(nn.Module):
         """EMA steps after which the statistics are judged (``ceil(1 / (1 - decay))``)."""
         return math.ceil(1.0 / (1.0 - self.decay))
 
-    def nearest(self, x: Tensor, codebook: Tensor | None = None, with_gap: bool = False) -> tuple[Tensor, Tensor | None]:
+    def nearest(self, x: Tensor, codebook: Tensor | None = None, with_gap: bool = False,
+                bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """:func:`~svq_modules.nearest.nearest_codewords` of ``x [N, D]`` (default: this codebook, cast to ``x``)."""
         cb = self.codebook.detach().to(x.dtype) if codebook is None else codebook
-        return nearest_codewords(x, cb, chunk_elements=self.chunk_elements, with_gap=with_gap)
+        return nearest_codewords(x, cb, chunk_elements=self.chunk_elements, with_gap=with_gap, bias=bias)
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """``counts [K]`` (clamped at 0) and ``sums [K, D]`` for :func:`~svq_modules.hierarchy.build_hierarchy`."""

@@ -18,7 +18,16 @@ from torch import Tensor, nn
 
 from .. import distributed as svq_dist
 from ..hierarchy import LINKAGES, Hierarchy
-from ..layers import CUTS, LayerRates, LayerTables, decode_codes, encode_indices, layer_rates, reconstruct
+from ..layers import (
+    CUTS,
+    LayerRates,
+    LayerTables,
+    decode_codes,
+    encode_indices,
+    layer_rates,
+    node_log2_prob,
+    reconstruct,
+)
 from ..nested import build_scalable
 from ..validation import BitProposal, check_bit_proposal, check_bool, check_choice, check_int
 
@@ -220,6 +229,12 @@ class ScalableIndex(nn.Module):
     def rates(self, indices: Tensor | None = None) -> LayerRates:
         """Cumulative raw and ideal entropy-coded bits per vector after each layer (see :func:`layer_rates`)."""
         return layer_rates(self.hierarchy, self.tables, indices)
+
+    def code_lengths(self) -> Tensor:
+        """``[K]`` float64 bits each codeword costs at full depth under the model's probabilities (the entropy
+        coder's static model: ``-log2 P(leaf)``, :func:`~svq_modules.layers.node_log2_prob`)."""
+        self.require_built()
+        return -node_log2_prob(self.hierarchy)[: self.num_codes]
 
     # ------------------------------------------------------------- checkpoints
     def _check_loaded_layers(self, state_dict: dict[str, Any], prefix: str) -> None:

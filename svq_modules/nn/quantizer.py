@@ -76,6 +76,7 @@ from ..validation import (
     check_indices,
     check_int,
     check_vectors,
+    check_weight,
 )
 from .codebook import EMACodebook
 from .index import ScalableIndex
@@ -302,10 +303,7 @@ class ScalableVQ(nn.Module):
         self.dim = check_int(dim, "dim", min=1)
         self.codebook_size = check_int(codebook_size, "codebook_size", min=1)
         bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=True)
-        if isinstance(commitment_weight, bool) or not isinstance(commitment_weight, (int, float)) or not (
-                0.0 <= commitment_weight < float("inf")):  # fmt: skip
-            raise ValueError(f"commitment_weight must be a finite float >= 0, got {commitment_weight!r}")
-        self.commitment_weight = float(commitment_weight)
+        self.commitment_weight = check_weight(commitment_weight, "commitment_weight")
         self.learnable_codebook = check_bool(learnable_codebook, "learnable_codebook")
         self.channel_first = check_bool(channel_first, "channel_first")
         self.learner = EMACodebook(
@@ -393,16 +391,28 @@ class ScalableVQ(nn.Module):
 
     # ------------------------------------------------------------- quantizing
     @torch.no_grad()
-    def quantize(self, x: Tensor) -> Tensor:
-        """``[*batch]`` int64 nearest codeword of every vector of ``x`` (``[..., D]``, or ``[B, D, ...]`` when channel-first)."""
+    def quantize(self, x: Tensor, rate_weight: float = 0.0, *, relative: bool = False) -> Tensor:
+        """``[*batch]`` int64 codeword of every vector of ``x`` (``[..., D]``, or ``[B, D, ...]`` when channel-first):
+        the nearest, or with ``rate_weight`` ``lam > 0`` the least ``||x - c_k||^2 + lam * bits_k`` (``bits_k``: its
+        full-depth code length, ``vq.index.code_lengths()``; needs :meth:`update`), an entropy-constrained choice the
+        decoder follows unaware. ``relative``: ``lam`` is ``rate_weight`` times the mean squared distance of ``x``'s
+        vectors to their nearest codewords (a vector's choice then depends on the rest of ``x``)."""
         _check_input(x, self.dim, self.channel_first)
-        return self._quantize(x)
+        rate_weight, relative = check_weight(rate_weight, "rate_weight"), check_bool(relative, "relative")
+        if rate_weight == 0:
+            return self._quantize(x)
+        bits = self.index.code_lengths()
+        self._warn_if_stale()
+        if relative:
+            flat, nearest = self._flatten(x)[0], self.codebook.detach()[self._quantize(x).reshape(-1)]
+            rate_weight *= float((flat - nearest.to(flat.dtype)).pow(2).sum(-1).mean())
+        return self._quantize(x, rate_weight * bits)
 
-    def _quantize(self, x: Tensor) -> Tensor:
+    def _quantize(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         flat, batch = self._flatten(x)
         dtype = _compute_dtype(x, self.codebook)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            idx, _ = self.learner.nearest(flat.to(dtype))
+            idx, _ = self.learner.nearest(flat.to(dtype), bias=None if bias is None else bias.to(flat.device, dtype))
         return idx.reshape(batch)
 
     def forward(self, x: Tensor, num_layers: int | None = None) -> VQOutput:
@@ -559,9 +569,8 @@ class ScalableVQ(nn.Module):
 
     # ----------------------------------------------------------- bitstream
     @torch.no_grad()
-    def compress(
-        self, x: Tensor, *, coding: str = "entropy", num_layers: int | None = None, embed_centers: str | None = None
-    ) -> list[bytes]:
+    def compress(self, x: Tensor, *, coding: str = "entropy", num_layers: int | None = None,
+                 embed_centers: str | None = None, rate_weight: float = 0.0) -> list[bytes]:
         """Per-layer byte chunks of ``x`` (see ``docs/bitstream.md``).
 
         Args:
@@ -574,12 +583,13 @@ class ScalableVQ(nn.Module):
             num_layers: write only the first layers, ``1..L`` (default all L).
             embed_centers: one of :data:`EMBED_CENTERS`: chunks that also carry
                 their layer's node centers, for a receiver without the model.
+            rate_weight: the codeword choice, as for :meth:`quantize` (0: nearest).
 
         Returns:
             ``list[bytes]``, chunk l holds layer l; the batch shape travels in chunk 0.
         """
         options = self._coding_options(x, coding, num_layers, embed_centers)
-        return compress_layers(self.hierarchy, self.tables, self._quantize(x), **options)
+        return compress_layers(self.hierarchy, self.tables, self.quantize(x, rate_weight), **options)
 
     def _coding_options(self, x: Tensor, coding: Any, num_layers: Any, embed_centers: Any) -> dict[str, Any]:
         """Check the arguments of :meth:`compress` (before any work) and the module's state."""
@@ -594,9 +604,8 @@ class ScalableVQ(nn.Module):
         return {"coding": coding, "num_layers": num_layers, "embed_centers": embed_centers}
 
     @torch.no_grad()
-    def compress_items(
-        self, x: Tensor, *, coding: str = "entropy", num_layers: int | None = None, embed_centers: str | None = None
-    ) -> dict[str, Any]:
+    def compress_items(self, x: Tensor, *, coding: str = "entropy", num_layers: int | None = None,
+                       embed_centers: str | None = None, rate_weight: float = 0.0) -> dict[str, Any]:
         """Per-item chunks of a batch (CompressAI's ``{"strings", "shape"}`` convention).
 
         Args:
@@ -610,7 +619,7 @@ class ScalableVQ(nn.Module):
             or ``x.shape[2:]`` with ``channel_first``).
         """
         options = self._coding_options(x, coding, num_layers, embed_centers)
-        indices = self._quantize(x)
+        indices = self.quantize(x, rate_weight)
         if indices.dim() < 1:
             raise ValueError(f"x must have a batch dimension, got shape {list(x.shape)}")
         return {"strings": _item_strings(self.hierarchy, self.tables, indices, **options), "shape": tuple(indices.shape[1:])}

@@ -1,0 +1,147 @@
+"""Entropy-constrained codeword choice: ``ScalableVQ.quantize(x, rate_weight)`` and ``compress --rate-weight``.
+
+The choice is checked against a brute-force argmin of ``||x - c_k||^2 + lam * bits_k``;
+its effect (smaller files, larger errors) against the plain nearest codeword.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from svq_modules.cli import main
+from svq_modules.nearest import nearest_codewords
+from svq_modules.nn import ScalableVQ
+from svq_modules.validation import check_weight
+
+
+def mixture(seed: int, n: int, k: int, d: int = 4, sep: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` points of a ``k``-component Gaussian mixture (unit variance) and its centers."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g) * sep
+    labels = torch.randint(k, (n,), generator=g)
+    return centers[labels] + torch.randn(n, d, generator=g), centers
+
+
+def train(vq: ScalableVQ, x: torch.Tensor, epochs: int = 3, batch: int = 512) -> ScalableVQ:
+    g = torch.Generator().manual_seed(0)
+    vq.train()
+    for _ in range(epochs):
+        for b in x[torch.randperm(x.shape[0], generator=g)].split(batch):
+            vq(b)
+    return vq.eval()
+
+
+@pytest.fixture(scope="module")
+def built() -> tuple[ScalableVQ, torch.Tensor]:
+    """A trained and built module (K=128, D=4) on a mixture whose components have very unequal weights."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, _ = mixture(0, n=8192, k=24, sep=3.0)
+    x = torch.cat([x, x[:512] + 0.1 * torch.randn(512, 4, generator=g)])  # a few components much more frequent
+    vq = train(ScalableVQ(4, 128, bits=[3, 2, 2], decay=0.8), x)
+    vq.update()
+    return vq, x
+
+
+def brute_force(x: torch.Tensor, codebook: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    cost = (x.double()[:, None, :] - codebook.double()[None]).pow(2).sum(-1) + penalty.double()[None]
+    return cost.argmin(1)
+
+
+def test_nearest_codewords_bias_is_added_to_the_squared_distance():
+    g = torch.Generator().manual_seed(0)
+    x, cb = torch.randn(300, 5, generator=g), torch.randn(40, 5, generator=g)
+    bias = torch.rand(40, generator=g) * 3
+    for chunk in (40, 1000, 1 << 20):  # one row per block, several, all at once
+        idx, gap = nearest_codewords(x, cb, bias=bias, chunk_elements=chunk, with_gap=True)
+        assert torch.equal(idx, brute_force(x, cb, bias))
+        cost = torch.cdist(x, cb).pow(2) + bias
+        best2 = cost.topk(2, dim=1, largest=False).values
+        assert torch.allclose(gap, best2[:, 1] - best2[:, 0], atol=1e-4)
+
+
+def test_code_lengths_are_a_complete_code(built):
+    vq, _ = built
+    bits = vq.index.code_lengths()
+    assert bits.shape == (vq.codebook_size,) and bool((bits > 0).all())
+    assert math.isclose(float(torch.exp2(-bits).sum()), 1.0, rel_tol=1e-9)  # Kraft equality: a probability per code
+    # frequent codes are cheap: the mean length over the data is the ideal full-depth rate, below log2 K
+    mean_bits = float(bits[vq.quantize(built[1])].mean())
+    assert mean_bits < math.log2(vq.codebook_size)
+
+
+def test_rate_weight_picks_the_least_error_plus_weighted_bits(built):
+    vq, x = built
+    assert torch.equal(vq.quantize(x, 0.0), vq.quantize(x))
+    assert torch.equal(vq.quantize(x), brute_force(x, vq.codebook, torch.zeros(vq.codebook_size)))
+    for lam in (0.05, 0.5, 5.0):
+        assert torch.equal(vq.quantize(x, lam), brute_force(x, vq.codebook, lam * vq.index.code_lengths()))
+    # relative: lam times the mean squared distance of x to its nearest codewords
+    mean_err = float((x - vq.codebook[vq.quantize(x)]).pow(2).sum(1).mean())
+    assert torch.equal(vq.quantize(x, 0.7, relative=True), vq.quantize(x, 0.7 * mean_err))
+
+
+def test_rate_weight_trades_rate_for_error(built):
+    vq, x = built
+    mean_err = float((x - vq.codebook[vq.quantize(x)]).pow(2).sum(1).mean())
+    sizes, errors, lengths = [], [], []
+    for lam in (0.0, 0.5 * mean_err, 2.0 * mean_err):
+        idx = vq.quantize(x, lam)
+        errors.append(float((x - vq.codebook[idx]).pow(2).mean()))
+        lengths.append(float(vq.index.code_lengths()[idx].mean()))
+        sizes.append(sum(map(len, vq.compress(x, rate_weight=lam))))
+    assert lengths[0] > lengths[1] > lengths[2], lengths
+    assert errors[0] < errors[1] < errors[2], errors
+    assert sizes[0] > sizes[1] > sizes[2], sizes
+    # compress / compress_items with a rate weight decode to the codewords the same choice picks
+    lam = mean_err
+    assert torch.equal(vq.decompress(vq.compress(x, rate_weight=lam)), vq.codebook[vq.quantize(x, lam)])
+    items = vq.compress_items(x[None].expand(2, -1, -1), rate_weight=lam)
+    assert torch.equal(vq.decompress_items(items["strings"], items["shape"])[1], vq.codebook[vq.quantize(x, lam)])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), True, "1", None])
+def test_bad_rate_weight_is_refused(built, bad):
+    vq, x = built
+    with pytest.raises(ValueError, match=r"^rate_weight must be a finite float >= 0, got "):
+        vq.quantize(x, bad)
+
+
+def test_rate_weight_needs_update():
+    vq = ScalableVQ(4, 16)
+    x = torch.randn(64, 4)
+    vq.train()
+    vq(x)
+    vq.eval()
+    assert vq.quantize(x).shape == (64,)  # the nearest codeword needs no tables
+    with pytest.raises(RuntimeError, match="update"):
+        vq.quantize(x, 1.0)
+
+
+def test_check_weight():
+    assert check_weight(0, "w") == 0.0 and check_weight(np.float32(2.5), "w") == 2.5
+    for bad in (-0.1, math.nan, math.inf, False, "0", [1.0]):
+        with pytest.raises(ValueError, match=r"^w must be a finite float >= 0, got "):
+            check_weight(bad, "w")
+
+
+def test_compress_rate_weight_option(tmp_path, capsys):
+    """Arrays: ``--rate-weight`` gives a smaller file that decodes; a bad value exits 1 with one line, no file."""
+    x, _ = mixture(3, n=4000, k=12, d=3)
+    np.save(tmp_path / "x.npy", x.numpy())
+    sizes = {}
+    for w in ("0", "3"):
+        out = tmp_path / f"w{w}.svq"
+        assert main(["compress", str(tmp_path / "x.npy"), "-o", str(out), "--rate-weight", w, "--seed", "0", "-q"]) == 0
+        sizes[w] = out.stat().st_size
+        assert main(["decompress", str(out), "-o", str(tmp_path / f"w{w}.npy"), "-q"]) == 0
+    assert sizes["3"] < sizes["0"], sizes
+    capsys.readouterr()
+    bad = tmp_path / "bad.svq"
+    assert main(["compress", str(tmp_path / "x.npy"), "-o", str(bad), "--rate-weight", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: --rate-weight must be a finite float >= 0, got -1.0\n" and not bad.exists()
