@@ -7,25 +7,9 @@ import warnings
 
 import pytest
 import torch
+from mixtures import mixture, train
 
 from svq_modules.nn import ScalableVQ, VQOutput
-
-
-def mixture(seed: int, n: int = 4096, k: int = 16, d: int = 4, sep: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` points of a ``k``-component Gaussian mixture (unit variance) and its centers."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(k, d, generator=g) * sep
-    labels = torch.randint(k, (n,), generator=g)
-    return centers[labels] + torch.randn(n, d, generator=g), centers
-
-
-def train(vq: ScalableVQ, x: torch.Tensor, epochs: int = 3, batch: int = 512, seed: int = 0) -> ScalableVQ:
-    g = torch.Generator().manual_seed(seed)
-    vq.train()
-    for _ in range(epochs):
-        for b in x[torch.randperm(x.shape[0], generator=g)].split(batch):
-            vq(b)
-    return vq.eval()
 
 
 @pytest.fixture(scope="module")

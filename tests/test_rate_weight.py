@@ -11,28 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from mixtures import mixture, train
 
 from svq_modules.cli import main
 from svq_modules.nearest import nearest_codewords
 from svq_modules.nn import ScalableVQ
 from svq_modules.validation import check_weight
-
-
-def mixture(seed: int, n: int, k: int, d: int = 4, sep: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` points of a ``k``-component Gaussian mixture (unit variance) and its centers."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(k, d, generator=g) * sep
-    labels = torch.randint(k, (n,), generator=g)
-    return centers[labels] + torch.randn(n, d, generator=g), centers
-
-
-def train(vq: ScalableVQ, x: torch.Tensor, epochs: int = 3, batch: int = 512) -> ScalableVQ:
-    g = torch.Generator().manual_seed(0)
-    vq.train()
-    for _ in range(epochs):
-        for b in x[torch.randperm(x.shape[0], generator=g)].split(batch):
-            vq(b)
-    return vq.eval()
 
 
 @pytest.fixture(scope="module")
