@@ -44,7 +44,9 @@ def nearest_codewords(
     """
     half_sq = 0.5 * codebook.pow(2).sum(1)
     if bias is not None:
-        half_sq = half_sq + 0.5 * bias
+        if tuple(bias.shape) != (codebook.shape[0],):
+            raise ValueError(f"bias must be [K] = [{codebook.shape[0]}] (one per codeword), got shape {list(bias.shape)}")
+        half_sq = half_sq + 0.5 * bias.to(half_sq)
     ct = codebook.t()
     rows = max(1, int(chunk_elements) // max(1, codebook.shape[0]))
 

@@ -362,7 +362,10 @@ def test_rate_weight_option(files, capsys, tmp_path):
     # the default is the documented weight
     from svq_modules.cli.images import RATE_WEIGHT
 
-    assert (d / "odd.svq").read_bytes() == (tmp_path / f"w{RATE_WEIGHT:g}.svq").read_bytes()
+    explicit = tmp_path / "explicit.svq"
+    assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", explicit,
+                     "--rate-weight", RATE_WEIGHT) == 0
+    assert (d / "odd.svq").read_bytes() == explicit.read_bytes()
     err = assert_refused(capsys, tmp_path / "bad.svq", "compress", d / "odd.png", "--model", d / "model.ckpt",
                          "-o", tmp_path / "bad.svq", "--rate-weight", "nan")
     assert "--rate-weight must be a finite float >= 0, got nan" in err

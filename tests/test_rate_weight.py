@@ -88,6 +88,27 @@ def test_rate_weight_trades_rate_for_error(built):
     assert torch.equal(vq.decompress_items(items["strings"], items["shape"])[1], vq.codebook[vq.quantize(x, lam)])
 
 
+def test_relative_weight_in_half_precision_survives_far_vectors(built):
+    """The mean error of ``relative`` is summed in float64: a few far vectors must not overflow float16 and turn
+    every cost into inf (which would send every vector to code 0)."""
+    vq, x = built
+    far = x.clone()
+    far[:5] *= 200.0  # squared errors far above float16's largest value
+    half = vq.quantize(far.half(), 1.0, relative=True)
+    assert torch.equal(half, vq.quantize(far.half().float(), 1.0, relative=True))  # distances run in float32
+    assert half.unique().numel() > 1
+
+
+def test_bias_shape_and_overflowing_weights_are_refused(built):
+    vq, x = built
+    with pytest.raises(ValueError, match=r"^bias must be \[K\] = \[128\] \(one per codeword\), got shape \[3\]$"):
+        nearest_codewords(x, vq.codebook, bias=torch.zeros(3))
+    idx, _ = nearest_codewords(x, vq.codebook, bias=vq.index.code_lengths())  # float64 bias, float32 codebook
+    assert torch.equal(idx, brute_force(x, vq.codebook, vq.index.code_lengths()))
+    with pytest.raises(ValueError, match=r"^rate_weight=1e\+300 is too large: its penalties overflow torch.float32"):
+        vq.quantize(x, 1e300)
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), True, "1", None])
 def test_bad_rate_weight_is_refused(built, bad):
     vq, x = built

@@ -392,20 +392,21 @@ class ScalableVQ(nn.Module):
     # ------------------------------------------------------------- quantizing
     @torch.no_grad()
     def quantize(self, x: Tensor, rate_weight: float = 0.0, *, relative: bool = False) -> Tensor:
-        """``[*batch]`` int64 codeword of every vector of ``x`` (``[..., D]``, or ``[B, D, ...]`` when channel-first):
-        the nearest, or with ``rate_weight`` ``lam > 0`` the least ``||x - c_k||^2 + lam * bits_k`` (``bits_k``: its
-        full-depth code length, ``vq.index.code_lengths()``; needs :meth:`update`), an entropy-constrained choice the
-        decoder follows unaware. ``relative``: ``lam`` is ``rate_weight`` times the mean squared distance of ``x``'s
-        vectors to their nearest codewords (a vector's choice then depends on the rest of ``x``)."""
+        """``[*batch]`` int64 codeword of every vector of ``x`` (``[..., D]``, or ``[B, D, ...]`` when channel-first): the
+        nearest, or with ``rate_weight`` ``lam > 0`` the least ``||x - c_k||^2 + lam * bits_k`` (``bits_k``: its full-depth
+        code length, ``vq.index.code_lengths()``; needs :meth:`update`), an entropy-constrained choice the decoder follows
+        unaware. ``relative``: ``lam`` is ``rate_weight`` x the mean squared distance of ``x``'s vectors to their nearest."""
         _check_input(x, self.dim, self.channel_first)
         rate_weight, relative = check_weight(rate_weight, "rate_weight"), check_bool(relative, "relative")
         if rate_weight == 0:
             return self._quantize(x)
-        bits = self.index.code_lengths()
+        bits, dtype = self.index.code_lengths(), _compute_dtype(x, self.codebook)
         self._warn_if_stale()
-        if relative:
+        if relative:  # the mean error in float64: one far vector must not overflow a half-precision sum
             flat, nearest = self._flatten(x)[0], self.codebook.detach()[self._quantize(x).reshape(-1)]
-            rate_weight *= float((flat - nearest.to(flat.dtype)).pow(2).sum(-1).mean())
+            rate_weight *= float((flat.to(dtype) - nearest.to(dtype)).pow(2).sum(-1).double().mean())
+        if not bool(torch.isfinite((rate_weight * bits).to(dtype)).all()):
+            raise ValueError(f"rate_weight={rate_weight!r} is too large: its penalties overflow {dtype} distances")
         return self._quantize(x, rate_weight * bits)
 
     def _quantize(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
