@@ -16,7 +16,7 @@ unless said otherwise:
 * ours: the default run's checkpoint (``python train.py``) at every layer, through the
   image-file path of ``svq_modules.cli.images`` (file cut after each layer; each layer
   context coded, ``svq_modules.coding.context``; codewords chosen at the image command's
-  default rate weight, ``RATE_WEIGHT``); the same files with each layer entropy coded
+  defaults, ``RATE_WEIGHT`` and ``REPEAT_BITS``); the same files with each layer entropy coded
   without its neighbours (``compress --coding entropy``); and with every vector's nearest
   codeword (``compress --rate-weight 0``);
 * flat VQ at 4 / 6 / 8 bits: the same run with ``codebook_size=2**b`` (full depth only,

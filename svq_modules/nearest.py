@@ -1,4 +1,5 @@
-"""The one nearest-codeword search of the package (pure tensor function)."""
+"""Codeword choice (pure tensor functions): the one nearest-codeword search of the package, the mean error of a
+choice, and the choice on a grid that may repeat a neighbour's codeword."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "nearest_codewords"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "mean_squared_error", "nearest_codewords", "prefer_neighbours"]
 
 #: largest ``[rows, K]`` distance block (elements) of one step of the search
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
@@ -64,3 +65,55 @@ def nearest_codewords(
     parts = [block(x[s : s + rows]) for s in range(0, x.shape[0], rows)]
     idx = torch.cat([p[0] for p in parts])
     return idx, (torch.cat([p[1] for p in parts]) if with_gap else None)
+
+
+def mean_squared_error(x: Tensor, codebook: Tensor, indices: Tensor) -> float:
+    """Mean over the rows of ``x [N, D]`` of the squared distance to their codewords ``codebook[indices [N]]``,
+    summed in float64 (a far row in float16 must not overflow it)."""
+    chosen = codebook.detach()[indices.reshape(-1)]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return float((x.reshape(-1, x.shape[-1]).to(dtype) - chosen.to(dtype)).pow(2).sum(-1).double().mean())
+
+
+def prefer_neighbours(x: Tensor, codebook: Tensor, chosen: Tensor, bits: Tensor, lam: float, repeat: float) -> Tensor:
+    """Codewords on a grid, where repeating the left or upper neighbour's codeword may be cheaper.
+
+    A context coder (:mod:`svq_modules.coding.context`) codes a symbol that repeats its left or upper
+    neighbour's for less. In its order (by anti-diagonal, so both neighbours are final first), every vector
+    keeps the least of ``||x - c_k||^2 + lam * bits_k`` for its ``chosen`` codeword ``k`` and
+    ``||x - c_n||^2 + lam * repeat * bits_n`` for ``n`` its left or upper neighbour's codeword: ``H + W - 1``
+    vectorized rounds, none per vector.
+
+    Args:
+        x: ``[..., H, W, D]`` float vectors on a grid.
+        codebook: ``[K, D]`` float.
+        chosen: ``[..., H, W]`` int64 codewords to start from (e.g. an entropy-constrained choice).
+        bits: ``[K]`` float code length of each codeword.
+        lam: weight of a bit, in squared distance (>= 0).
+        repeat: share of a repeated codeword's bits that counts, in ``[0, 1]`` (1: no preference).
+
+    Returns:
+        ``[..., H, W]`` int64 codewords.
+    """
+    *batch, h, w, dim = x.shape
+    xf = x.reshape(-1, h, w, dim)
+    cb = codebook.detach().to(torch.promote_types(x.dtype, torch.float32))
+    bits = bits.to(cb)
+    out = chosen.reshape(-1, h, w).clone()
+    rows = torch.arange(h, device=x.device)
+    for s in range(h + w - 1):
+        i = rows[max(0, s - w + 1): min(h, s + 1)]
+        j = s - i
+        xd = xf[:, i, j].to(cb.dtype)  # [B, n, D]
+        best_k = out[:, i, j]
+        best = (xd - cb[best_k]).pow(2).sum(-1) + lam * bits[best_k]
+        for di, dj in ((0, 1), (1, 0)):  # left, upper
+            ok = (i >= di) & (j >= dj)
+            if not bool(ok.any()):
+                continue
+            nb = out[:, (i - di).clamp_min(0), (j - dj).clamp_min(0)]
+            cost = (xd - cb[nb]).pow(2).sum(-1) + lam * repeat * bits[nb]
+            take = ok & (cost < best)
+            best_k, best = torch.where(take, nb, best_k), torch.where(take, cost, best)
+        out[:, i, j] = best_k
+    return out.reshape(*batch, h, w)

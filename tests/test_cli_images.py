@@ -369,3 +369,21 @@ def test_rate_weight_option(files, capsys, tmp_path):
     err = assert_refused(capsys, tmp_path / "bad.svq", "compress", d / "odd.png", "--model", d / "model.ckpt",
                          "-o", tmp_path / "bad.svq", "--rate-weight", "nan")
     assert "--rate-weight must be a finite float >= 0, got nan" in err
+
+
+def test_repeat_bits_option(files, capsys, tmp_path):
+    """``--repeat-bits``: a smaller share gives a smaller file that still decodes; outside [0, 1] is refused."""
+    d = files
+    sizes = {}
+    for share in ("1", "0.4", "0"):
+        out = tmp_path / f"r{share}.svq"
+        assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", out, "--rate-weight", "1",
+                         "--repeat-bits", share) == 0
+        sizes[share] = out.stat().st_size
+        decoded = decode(capsys, d, out, tmp_path / f"r{share}.png")
+        assert decoded.shape == pixels(d / "odd.png").shape
+    assert sizes["1"] >= sizes["0.4"] >= sizes["0"] and sizes["1"] > sizes["0"], sizes
+    for bad in ("1.5", "-0.1", "nan"):
+        err = assert_refused(capsys, tmp_path / "bad.svq", "compress", d / "odd.png", "--model", d / "model.ckpt",
+                             "-o", tmp_path / "bad.svq", "--repeat-bits", bad)
+        assert "--repeat-bits must be a float in [0, 1]" in err

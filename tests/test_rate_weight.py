@@ -14,7 +14,7 @@ import torch
 from mixtures import mixture, train
 
 from svq_modules.cli import main
-from svq_modules.nearest import nearest_codewords
+from svq_modules.nearest import nearest_codewords, prefer_neighbours
 from svq_modules.nn import ScalableVQ
 from svq_modules.validation import check_weight
 
@@ -150,3 +150,49 @@ def test_compress_rate_weight_option(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "x.npy"), "-o", str(bad), "--rate-weight", "-1"]) == 1
     err = capsys.readouterr().err
     assert err == "error: --rate-weight must be a finite float >= 0, got -1.0\n" and not bad.exists()
+
+
+def reference_prefer_neighbours(x, codebook, chosen, bits, lam, repeat):
+    """Row by row, left to right (the same dependencies as anti-diagonals): own choice or a neighbour's codeword."""
+    out = chosen.clone()
+    h, w = chosen.shape
+    for i in range(h):
+        for j in range(w):
+            def cost(k, share, v=x[i, j]):
+                return float((v - codebook[k]).pow(2).sum()) + lam * share * float(bits[k])
+            best_k, best = int(out[i, j]), cost(int(out[i, j]), 1.0)
+            for ni, nj in ((i, j - 1), (i - 1, j)):
+                if ni >= 0 and nj >= 0:
+                    k = int(out[ni, nj])
+                    if cost(k, repeat) < best:
+                        best_k, best = k, cost(k, repeat)
+            out[i, j] = best_k
+    return out
+
+
+def test_prefer_neighbours_against_a_sequential_reference(built):
+    vq, x = built
+    g = torch.Generator().manual_seed(2)
+    grid = x[torch.randperm(x.shape[0], generator=g)[: 2 * 9 * 13]].reshape(2, 9, 13, 4).double()
+    cb, bits = vq.codebook.double(), vq.index.code_lengths()
+    for lam, repeat in ((0.5, 0.4), (2.0, 0.0), (0.1, 0.9)):
+        chosen = vq.quantize(grid.float(), lam)
+        out = prefer_neighbours(grid, cb, chosen, bits, lam, repeat)
+        for b in range(2):
+            assert torch.equal(out[b], reference_prefer_neighbours(grid[b], cb, chosen[b], bits, lam, repeat))
+        if repeat == 0.0:  # a free repeat: the first vector's codeword may spread, never a worse-coded choice
+            assert (out != chosen).any()
+    # repeat = 1 adds nothing to an entropy-constrained choice (it already minimizes the same cost)
+    chosen = vq.quantize(grid.float(), 0.5)
+    assert torch.equal(prefer_neighbours(grid, cb, chosen, bits, 0.5, 1.0), chosen)
+
+
+def test_repeat_bits_option(tmp_path, capsys):
+    """Images only, a share in [0, 1]: refused in one line otherwise, and for arrays."""
+    x, _ = mixture(3, n=500, k=6, d=3)
+    np.save(tmp_path / "x.npy", x.numpy())
+    out = tmp_path / "x.svq"
+    assert main(["compress", str(tmp_path / "x.npy"), "-o", str(out), "--repeat-bits", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: --repeat-bits: an option for images (it needs the latents' grid); drop it for arrays\n"
+    assert not out.exists()

@@ -107,6 +107,8 @@ def compress_array(args: argparse.Namespace) -> int:
     # 1. options and files, before any work
     _check_compress_options(args)
     rate_weight = rate_weight_option(args, 0.0)
+    if args.repeat_bits is not None:
+        raise CLIError("--repeat-bits: an option for images (it needs the latents' grid); drop it for arrays")
     opts = _fit_options(args)
     if not args.model:
         check_fit_options(opts)  # values; K against N once the data is read

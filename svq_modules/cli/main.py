@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--embed-centers", choices=["float16", "float32"], help="self-contained chunks carrying their centers")
     c.add_argument("--rate-weight", type=float, metavar="W",
                    help="pick each vector's codeword by least error + W x (mean error) x (its code length in bits): "
-                        "smaller files, larger errors (default: 2 for images, 0 for arrays: the nearest codeword)")
+                        "smaller files, larger errors (default: 1 for images, 0 for arrays: the nearest codeword)")
+    c.add_argument("--repeat-bits", type=float, metavar="F",
+                   help="images: a codeword that repeats its left or upper neighbour's counts F of its bits in that "
+                        "choice (in [0, 1]; default 0.4; 1: no preference)")
     t = c.add_argument_group("training (not with --model)")
     t.add_argument("--codebook-size", type=int, help="K, number of codewords, at most N (default 1024)")
     t.add_argument("--bits", type=_bits, help="bits per layer, base first (default 4,2,2,2,2)")

@@ -66,7 +66,7 @@ from ..coding import CODINGS, BitstreamError, compress_layers, decompress_layers
 from ..coding.context import grid_of
 from ..hierarchy import Hierarchy, code_statistics
 from ..layers import LayerRates, LayerTables
-from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
+from ..nearest import DEFAULT_CHUNK_ELEMENTS, mean_squared_error, nearest_codewords
 from ..validation import (
     BitProposal,
     check_bit_proposal,
@@ -402,9 +402,8 @@ class ScalableVQ(nn.Module):
             return self._quantize(x)
         bits, dtype = self.index.code_lengths(), _compute_dtype(x, self.codebook)
         self._warn_if_stale()
-        if relative:  # the mean error in float64: one far vector must not overflow a half-precision sum
-            flat, nearest = self._flatten(x)[0], self.codebook.detach()[self._quantize(x).reshape(-1)]
-            rate_weight *= float((flat.to(dtype) - nearest.to(dtype)).pow(2).sum(-1).double().mean())
+        if relative:
+            rate_weight *= mean_squared_error(self._flatten(x)[0], self.codebook, self._quantize(x))
         if not bool(torch.isfinite((rate_weight * bits).to(dtype)).all()):
             raise ValueError(f"rate_weight={rate_weight!r} is too large: its penalties overflow {dtype} distances")
         return self._quantize(x, rate_weight * bits)
