@@ -216,10 +216,11 @@ def encode_image(model: Any, pixels: np.ndarray, rate_weight: float = RATE_WEIGH
     if any(pad):
         x = F.pad(x, pad, mode="replicate")
     z, q = model.encode(x), model.quantizer
-    indices = q.quantize(z, rate_weight, relative=True)
-    if rate_weight > 0 and repeat_bits < 1:
-        grid_z = z.permute(0, 2, 3, 1)  # [1, grid_h, grid_w, D]
-        lam = rate_weight * mean_squared_error(grid_z, q.codebook, q.quantize(z))
+    grid_z = z.permute(0, 2, 3, 1)  # [1, grid_h, grid_w, D]
+    # the relative weight in squared distance, once for both choices below (quantize(relative=True) computes the same)
+    lam = rate_weight * mean_squared_error(grid_z, q.codebook, q.quantize(z)) if rate_weight > 0 else 0.0
+    indices = q.quantize(z, lam)
+    if lam > 0 and repeat_bits < 1:
         indices = prefer_neighbours(grid_z, q.codebook, indices, q.index.code_lengths(), lam, repeat_bits)
     header = ImageHeader(height, width, channels, model_channels, "edge" if any(pad) else "none", p, grid,
                          autoencoder_fingerprint(model))

@@ -404,9 +404,10 @@ class ScalableVQ(nn.Module):
         self._warn_if_stale()
         if relative:
             rate_weight *= mean_squared_error(self._flatten(x)[0], self.codebook, self._quantize(x))
-        if not bool(torch.isfinite((rate_weight * bits).to(dtype)).all()):
+        bias = (rate_weight * bits).to(dtype)
+        if not bool(torch.isfinite(bias).all()):
             raise ValueError(f"rate_weight={rate_weight!r} is too large: its penalties overflow {dtype} distances")
-        return self._quantize(x, rate_weight * bits)
+        return self._quantize(x, bias)
 
     def _quantize(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         flat, batch = self._flatten(x)
