@@ -30,7 +30,7 @@ GROUPS = {
 }
 # groups of plain settings (the lightning-hydra-template layout)
 SETTINGS = {
-    "model/quantizer": ["default"],
+    "model/quantizer": ["default", "entropy_constrained"],
     "paths": ["default"],
     "hydra": ["default"],
     "debug": ["default", "fast_dev_run", "overfit"],
@@ -70,11 +70,17 @@ def test_train_and_eval_share_paths_and_hydra_and_repeat_no_block():
 
 
 def test_one_quantizer_config_for_every_model():
+    """Every model takes the shared quantizer options; the image model adds entropy-constrained training only."""
+    default = OmegaConf.load(CONFIGS / "model" / "quantizer" / "default.yaml")
+    added = {"vectors": {}, "autoencoder": {"train_rate_weight": 1.0}}
+    assert set(added) == set(GROUPS["model"])
     for option in GROUPS["model"]:
         raw = OmegaConf.load(CONFIGS / "model" / f"{option}.yaml")
-        assert "quantizer" not in raw and {"quantizer": "default"} in raw.defaults
+        assert "quantizer" not in raw
         cfg = _compose(overrides=[f"model={option}"] + (["data=vectors", "data.path=x"] if option == "vectors" else []))
-        assert cfg.model.quantizer == OmegaConf.load(CONFIGS / "model" / "quantizer" / "default.yaml")
+        assert cfg.model.quantizer == OmegaConf.merge(default, added[option])
+    plain = _compose(overrides=["model/quantizer=default"])
+    assert plain.model.quantizer == default
     cfg = _compose(overrides=["model.quantizer.decay=0.9"])
     assert cfg.model.quantizer.decay == 0.9
 

@@ -27,9 +27,9 @@ def _built(bits=(2, 1), k: int = 16, d: int = 3, seed: int = 0) -> ScalableVQ:
 
 
 # ---------------------------------------------------------------- a. torch.compile
-def _train(compiled: bool) -> ScalableVQ:
+def _train(compiled: bool, **options) -> ScalableVQ:
     torch.manual_seed(0)
-    vq = ScalableVQ(2, 8, bits=[1, 1], decay=0.5, kmeans_init=False, relocate_every=1)
+    vq = ScalableVQ(2, 8, bits=[1, 1], decay=0.5, kmeans_init=False, relocate_every=1, **options)
     model = torch.compile(vq, backend="aot_eager") if compiled else vq
     for b in _blobs():
         model(b)
@@ -54,6 +54,17 @@ def test_training_a_torch_compiled_module():
         with pytest.raises(ValueError, match="NaN"):
             model(bad)
         assert torch.equal(vq.codebook, before)
+    torch._dynamo.reset()
+
+
+def test_rate_weighted_training_under_torch_compile():
+    """The rate-weighted pick (train_rate_weight) reads the batch's mean error on the host: compiled, it must
+    still train exactly as eager does."""
+    torch._dynamo.reset()
+    eager, compiled = _train(False, train_rate_weight=1.0), _train(True, train_rate_weight=1.0)
+    torch.testing.assert_close(compiled.codebook, eager.codebook)
+    torch.testing.assert_close(compiled.learner.cluster_size, eager.learner.cluster_size)
+    assert not torch.equal(eager.learner.cluster_size, _train(False).learner.cluster_size)  # the weight did act
     torch._dynamo.reset()
 
 
@@ -274,6 +285,8 @@ def test_bad_constructor_numbers():
         ({"chunk_elements": 0}, "chunk_elements"),
         ({"commitment_weight": -1.0}, "commitment_weight"),
         ({"threshold_ema_dead_code": float("nan")}, "threshold_ema_dead_code"),
+        ({"train_rate_weight": -0.5}, "train_rate_weight"),
+        ({"train_rate_weight": float("inf")}, "train_rate_weight"),
         ({"block_size": 0}, "block_size"),
         ({"linkage": "single"}, "linkage"),
         ({"cut": "deep"}, "cut"),

@@ -196,3 +196,59 @@ def test_repeat_bits_option(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: --repeat-bits: an option for images (it needs the latents' grid); drop it for arrays\n"
     assert not out.exists()
+
+
+# ----------------------------------------------------------------- entropy-constrained training
+def test_usage_bits_follow_the_ema_counts():
+    """bits_k = -log2 of code k's share of the EMA counts (clamped at 0) plus eps each: a complete code."""
+    vq = ScalableVQ(2, 4, bits=[1, 1], eps=0.5)
+    vq.learner.cluster_size.copy_(torch.tensor([6.5, 2.5, 0.5, -0.5]))  # + eps: 7, 3, 1, 0.5 of 11.5
+    want = torch.tensor([-math.log2(v / 11.5) for v in (7.0, 3.0, 1.0, 0.5)], dtype=torch.float64)
+    torch.testing.assert_close(vq.learner.usage_bits(), want)
+    assert float(torch.exp2(-vq.learner.usage_bits()).sum()) == pytest.approx(1.0)
+    vq.learner.eps = 0.0  # a code never used costs a finite (huge) number of bits, never inf or NaN
+    vq.learner.cluster_size.zero_()[0] = 1.0
+    assert bool(torch.isfinite(vq.learner.usage_bits()).all())
+
+
+def _trained(weight: float, x: torch.Tensor, steps: int = 12) -> ScalableVQ:
+    torch.manual_seed(0)
+    vq = ScalableVQ(4, 64, bits=[3, 3], train_rate_weight=weight).train()
+    for b in x.split(512)[:steps]:
+        vq(b)
+    return vq
+
+
+def test_training_assignment_is_the_rate_weighted_pick():
+    """In training mode each vector takes the least ||x - c_k||^2 + lam * usage_bits_k (lam = w x the batch's mean
+    nearest error): the codes forward returns, checked against a brute-force argmin before the step moves the codebook."""
+    x, _ = mixture(0, n=4096, k=24, sep=3.0)
+    vq = _trained(2.0, x, steps=4)
+    batch = x[2048:2560]
+    codebook, bits = vq.codebook.clone(), vq.learner.usage_bits()
+    mean_err = float((batch - codebook[brute_force(batch, codebook, torch.zeros(64))]).pow(2).sum(1).mean())
+    want = brute_force(batch, codebook, 2.0 * mean_err * bits)
+    nearest = brute_force(batch, codebook, torch.zeros(64))
+    got = vq(batch).indices
+    assert torch.equal(got, want)
+    assert int((got != nearest).sum()) > 10  # the weight does move vectors away from their nearest code
+    # eval mode, or a weight of 0: the nearest code
+    vq.eval()
+    assert torch.equal(vq(batch).indices, brute_force(batch, vq.codebook, torch.zeros(64)))
+
+
+def test_rate_weighted_training_concentrates_the_codes():
+    """ECVQ trades error for rate: the trained codebook's usage has lower entropy and higher error than plain
+    training on the same batches, and more so for a larger weight."""
+    x, _ = mixture(1, n=8192, k=24, sep=3.0)
+
+    def entropy_and_error(vq: ScalableVQ) -> tuple[float, float]:
+        vq.train()
+        idx = torch.cat([vq(b).indices for b in x.split(512)])  # the training assignment of every vector
+        p = torch.bincount(idx, minlength=64).double() / idx.numel()
+        h = float(-(p[p > 0] * p[p > 0].log2()).sum())
+        return h, float((x - vq.codebook[idx]).pow(2).sum(1).mean())
+
+    (h0, e0), (h1, e1), (h4, e4) = (entropy_and_error(_trained(w, x, steps=16)) for w in (0.0, 1.0, 4.0))
+    assert h0 > h1 > h4, (h0, h1, h4)
+    assert e0 < e1 < e4, (e0, e1, e4)

@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bits [1,1,1] -> 4 layers over K=16 codes (2, 4, 8 cells, then the exact codeword), one
 # latent per 4x4 pixels: 200 steps of a small model train in seconds and give a ladder
-# whose PSNR rises layer by layer (checked for 12 seeds: >= 0.09 dB per layer).
+# whose PSNR rises layer by layer (checked for 12 seeds: >= 0.09 dB per layer), trained on
+# the nearest codewords: with 16 codes the default entropy-constrained training leaves two
+# layers within 0.2 dB, either way round (seed 0: 18.23 then 18.07 dB).
 TINY = [
     "bits=[1,1,1]",
+    "model/quantizer=default",
     "model.codebook_size=16",
     "model.dim=8",
     "model.channels=32",

@@ -195,6 +195,16 @@ class ScalableVQAutoencoder(_ScalableVQModule):
       first features): 21.3 / 22.9;
     * p=0.5 with gradients to the encoder, 2400 steps: 20.5 / 23.0.
 
+    Entropy-constrained training: ``configs/model/autoencoder.yaml`` sets the quantizer's
+    ``train_rate_weight`` to 1, so each training latent takes the codeword of least error + 1 x
+    the batch's mean error x the codeword's bits (its EMA usage), the choice the image command
+    makes at its default ``--rate-weight 1``; the codebook, encoder and decoder then learn for it.
+    One-off runs of the default configuration, 800 steps, BD-rate of the image files (command
+    defaults) against plain training with seed 0, on the training images (the left 80 % of
+    china.jpg and flower.jpg, whole): plain training with seeds 1-3 +2.8 / -4.1 / -0.4 % (the
+    spread of the seed alone); weight 1, seeds 0-3, -7.6 / -6.0 / -7.2 / -8.2 %; weight 0.5, seeds
+    0-2, -11.2 / -5.3 / -4.7 %; weight 2 and 4 (seed 0) +2.3 and -1.6 %.
+
     Args:
         codebook_size: K, number of codewords.
         dim: latent (codeword) dimension D.

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as svq_dist
-from ..nearest import DEFAULT_CHUNK_ELEMENTS, nearest_codewords
+from ..nearest import DEFAULT_CHUNK_ELEMENTS, mean_squared_error, nearest_codewords
 from ..validation import check_bool, check_choice, check_int, check_weight
 
 __all__ = ["EMACodebook", "DEAD_CODE_SAMPLINGS", "kmeans_plus_plus"]
@@ -154,6 +154,11 @@ class EMACodebook(nn.Module):
         relocate_every: training steps (int >= 1) between two swap steps.
         chunk_elements: largest distance block in elements (int >= 1; a memory
             knob, results do not depend on it).
+        train_rate_weight: ``w >= 0``; above 0, training picks each vector's code
+            by the least ``||x - c_k||^2 + lam * bits_k`` instead of the nearest
+            (entropy-constrained VQ, see :meth:`assign`), so the codebook learns
+            for the rate-weighted choice that :meth:`ScalableVQ.quantize` makes
+            at test time. 0 (default): the nearest code.
 
     State (``state_dict``; float entries follow the module dtype):
     ``codebook [K, D]``, ``cluster_size [K]`` and ``embed_sum [K, D]`` (EMA
@@ -188,6 +193,7 @@ class EMACodebook(nn.Module):
         relocate_codes: bool = True,
         relocate_every: int = 4,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        train_rate_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_codes = check_int(num_codes, "codebook_size", min=1)
@@ -209,6 +215,7 @@ class EMACodebook(nn.Module):
         self.relocate_codes = check_bool(relocate_codes, "relocate_codes")
         self.relocate_every = check_int(relocate_every, "relocate_every", min=1)
         self.chunk_elements = check_int(chunk_elements, "chunk_elements", min=1)
+        self.train_rate_weight = check_weight(train_rate_weight, "train_rate_weight")
 
         init = torch.randn(self.num_codes, self.dim)
         if self.learnable:
@@ -252,6 +259,31 @@ class EMACodebook(nn.Module):
         """:func:`~svq_modules.nearest.nearest_codewords` of ``x [N, D]`` (default: this codebook, cast to ``x``)."""
         cb = self.codebook.detach().to(x.dtype) if codebook is None else codebook
         return nearest_codewords(x, cb, chunk_elements=self.chunk_elements, with_gap=with_gap, bias=bias)
+
+    def assign(self, x: Tensor, codebook: Tensor, with_gap: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The code of every row of ``x [N, D]`` (:meth:`nearest` with ``codebook``, both in the compute dtype).
+
+        In training mode with ``train_rate_weight`` ``w > 0``, once initialized: the least
+        ``||x - c_k||^2 + lam * bits_k``, with ``bits_k`` = :meth:`usage_bits` and ``lam`` = ``w`` x the batch's
+        mean squared distance to its nearest codes, the choice ``ScalableVQ.quantize(x, w, relative=True)``
+        makes at test time (there with the index's code lengths). ``gap`` then compares those sums.
+        """
+        idx, gap = self.nearest(x, codebook, with_gap)
+        if self.training and self.train_rate_weight > 0 and self._initted:
+            idx, gap = self._rate_weighted(x, codebook, idx, with_gap)
+        return idx, gap
+
+    @torch.compiler.disable  # reads the batch's mean error on the host: eager, as the other housekeeping
+    def _rate_weighted(self, x: Tensor, codebook: Tensor, nearest: Tensor, with_gap: bool) -> tuple[Tensor, Tensor | None]:
+        lam = self.train_rate_weight * mean_squared_error(x, codebook, nearest)
+        return self.nearest(x, codebook, with_gap, bias=(lam * self.usage_bits()).to(x.dtype))
+
+    def usage_bits(self) -> Tensor:
+        """``[K]`` float64 bits of every code under its share of the EMA counts,
+        ``-log2((n_k + eps) / (sum_j n_j + K eps))``: the live counterpart of the code lengths the index
+        counts at its last build (:meth:`~svq_modules.nn.index.ScalableIndex.code_lengths`)."""
+        size = self.cluster_size.double().clamp_min(0.0) + self.eps
+        return -torch.log2((size / size.sum()).clamp_min(torch.finfo(torch.float64).tiny))
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """``counts [K]`` (clamped at 0) and ``sums [K, D]`` for :func:`~svq_modules.hierarchy.build_hierarchy`."""

@@ -66,7 +66,7 @@ from ..coding import CODINGS, BitstreamError, compress_layers, decompress_layers
 from ..coding.context import grid_of
 from ..hierarchy import Hierarchy, code_statistics
 from ..layers import LayerRates, LayerTables
-from ..nearest import DEFAULT_CHUNK_ELEMENTS, mean_squared_error, nearest_codewords
+from ..nearest import DEFAULT_CHUNK_ELEMENTS, mean_squared_error
 from ..validation import (
     BitProposal,
     check_bit_proposal,
@@ -90,7 +90,7 @@ EMBED_CENTERS = (None, "float16", "float32")
 _CHILD_KNOBS = {
     "learner": (
         "decay", "eps", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code", "ema_update", "sync_distributed",
-        "dead_code_sampling", "relocate_codes", "relocate_every", "chunk_elements",
+        "dead_code_sampling", "relocate_codes", "relocate_every", "chunk_elements", "train_rate_weight",
     ),
     "index": ("linkage", "cut", "refine", "block_size"),
 }  # fmt: skip
@@ -278,7 +278,7 @@ class ScalableVQ(nn.Module):
             instead of ``[..., D]``; outputs follow the input layout.
         decay, eps, kmeans_init, kmeans_iters, threshold_ema_dead_code,
             ema_update, sync_distributed, dead_code_sampling, relocate_codes,
-            relocate_every, chunk_elements: knobs of the codebook learner, see
+            relocate_every, chunk_elements, train_rate_weight: knobs of the codebook learner, see
             :class:`~svq_modules.nn.codebook.EMACodebook` (``vq.learner``).
         linkage, cut, refine, block_size: knobs of the index, see
             :class:`~svq_modules.nn.index.ScalableIndex` (``vq.index``).
@@ -297,7 +297,7 @@ class ScalableVQ(nn.Module):
         ema_update: bool = True, channel_first: bool = False, linkage: str = "ward", cut: str = "nested",
         refine: bool = False, sync_distributed: bool = True, dead_code_sampling: str = "distortion",
         relocate_codes: bool = True, relocate_every: int = 4, block_size: int | None = None,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, train_rate_weight: float = 0.0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.dim = check_int(dim, "dim", min=1)
@@ -311,6 +311,7 @@ class ScalableVQ(nn.Module):
             threshold_ema_dead_code=threshold_ema_dead_code, learnable=self.learnable_codebook,
             ema_update=ema_update, sync_distributed=sync_distributed, dead_code_sampling=dead_code_sampling,
             relocate_codes=relocate_codes, relocate_every=relocate_every, chunk_elements=chunk_elements,
+            train_rate_weight=train_rate_weight,
         )  # fmt: skip
         self.index = ScalableIndex(
             self.codebook_size, self.dim, bits, num_layers, linkage=linkage, cut=cut, refine=refine,
@@ -445,9 +446,7 @@ class ScalableVQ(nn.Module):
             xf = flat.to(dtype)
             with_gap = self.learner.prepare(xf.detach()) if self.training else False
             codebook = self.codebook.to(dtype)
-            idx, gap = nearest_codewords(
-                xf.detach(), codebook.detach(), chunk_elements=self.learner.chunk_elements, with_gap=with_gap
-            )
+            idx, gap = self.learner.assign(xf.detach(), codebook.detach(), with_gap)
             q = F.embedding(idx, codebook if self.learnable_codebook else codebook.detach())
             sq_err = (xf - q.detach()).pow(2)
             commit = sq_err.mean().float()
