@@ -85,8 +85,10 @@ _COLOR = {1: "grayscale", 3: "RGB"}
 #: (:meth:`~svq_modules.nn.quantizer.ScalableVQ.quantize`; 0 = nearest codeword), and the share of its bits a
 #: codeword counts when it repeats its left or upper neighbour's (:func:`~svq_modules.nearest.prefer_neighbours`;
 #: 1 = no preference). The pair is the one of lowest mean BD-rate against the nearest codewords on the default
-#: run's training images (the left 80 % of china.jpg and flower.jpg) among the 11 pairs tried, W in 0.25-2 and
-#: the share in 0.25-1: -4.7 % there (W=2 without the preference: +2.7 %).
+#: run's training images (the left 80 % of china.jpg and flower.jpg): with plain training, among 11 pairs (W in
+#: 0.25-2, the share in 0.25-1), -4.7 % there (W=2 without the preference: +2.7 %); selected again for the
+#: entropy-constrained training of today's default run, among 10 pairs (W in 0.5-2, the share in 0.25-1), -8.4 %
+#: there (the next: W=0.5 with 0.25, -7.8 %; W=1 without the preference: -2.3 %).
 RATE_WEIGHT = 1.0
 REPEAT_BITS = 0.4
 

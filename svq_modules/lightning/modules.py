@@ -197,8 +197,9 @@ class ScalableVQAutoencoder(_ScalableVQModule):
 
     Entropy-constrained training: ``configs/model/autoencoder.yaml`` sets the quantizer's
     ``train_rate_weight`` to 1, so each training latent takes the codeword of least error + 1 x
-    the batch's mean error x the codeword's bits (its EMA usage), the choice the image command
-    makes at its default ``--rate-weight 1``; the codebook, encoder and decoder then learn for it.
+    the batch's mean error x the codeword's bits (counted live from its EMA usage), the choice the
+    image command makes at its default ``--rate-weight 1`` (there with the index's code lengths and
+    before its neighbour preference); the codebook, encoder and decoder then learn for it.
     One-off runs of the default configuration, 800 steps, BD-rate of the image files (command
     defaults) against plain training with seed 0, on the training images (the left 80 % of
     china.jpg and flower.jpg, whole): plain training with seeds 1-3 +2.8 / -4.1 / -0.4 % (the

@@ -266,10 +266,14 @@ class EMACodebook(nn.Module):
         In training mode with ``train_rate_weight`` ``w > 0``, once initialized: the least
         ``||x - c_k||^2 + lam * bits_k``, with ``bits_k`` = :meth:`usage_bits` and ``lam`` = ``w`` x the batch's
         mean squared distance to its nearest codes, the choice ``ScalableVQ.quantize(x, w, relative=True)``
-        makes at test time (there with the index's code lengths). ``gap`` then compares those sums.
+        makes at test time (there with the index's code lengths). ``gap`` then compares those sums. Under DDP
+        ``lam`` comes from each rank's own batch. Dead codes and relocation judge the codes by this assignment:
+        codes the weight starves fall below ``threshold_ema_dead_code`` and are re-seeded (the measured gains of
+        the image model, ``ScalableVQAutoencoder``, include that churn).
         """
-        idx, gap = self.nearest(x, codebook, with_gap)
-        if self.training and self.train_rate_weight > 0 and self._initted:
+        weighted = self.training and self.train_rate_weight > 0 and self._initted
+        idx, gap = self.nearest(x, codebook, with_gap and not weighted)
+        if weighted:
             idx, gap = self._rate_weighted(x, codebook, idx, with_gap)
         return idx, gap
 
@@ -282,8 +286,9 @@ class EMACodebook(nn.Module):
         """``[K]`` float64 bits of every code under its share of the EMA counts,
         ``-log2((n_k + eps) / (sum_j n_j + K eps))``: the live counterpart of the code lengths the index
         counts at its last build (:meth:`~svq_modules.nn.index.ScalableIndex.code_lengths`)."""
+        tiny = torch.finfo(torch.float64).tiny
         size = self.cluster_size.double().clamp_min(0.0) + self.eps
-        return -torch.log2((size / size.sum()).clamp_min(torch.finfo(torch.float64).tiny))
+        return -torch.log2((size / size.sum().clamp_min(tiny)).clamp_min(tiny))  # no counts (eps 0): all equal
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """``counts [K]`` (clamped at 0) and ``sums [K, D]`` for :func:`~svq_modules.hierarchy.build_hierarchy`."""
