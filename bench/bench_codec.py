@@ -507,7 +507,8 @@ def interp_psnr(points: np.ndarray, bpp: float) -> float:
     return float(np.interp(b, x, y)) if x[0] <= b <= x[-1] else math.nan
 
 
-def _against_jpeg(point: np.ndarray, jpeg: np.ndarray, smallest: str = "q=1", largest: str = "q=90") -> str:
+def _against_jpeg(point: np.ndarray, jpeg: np.ndarray, smallest: str = "q=1",
+                  largest: str = f"q={JPEG_QUALITIES[-1]}") -> str:
     """One cell of a per-image JPEG table: ``point`` (bpp, PSNR, ...) of ours against a JPEG sweep's efficient
     points (ours dB - JPEG dB at ours' bpp); outside the sweep, both points with the sweep's end named."""
     sweep = _efficient(jpeg[:, :2])
@@ -611,6 +612,12 @@ def peers(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
     rows["CompressAI factorized"] = {name: np.concatenate([c[name] for c in ca]) for name in images}
 
 
+def _shown(row: str, points: np.ndarray) -> np.ndarray:
+    """The points of a row that the tables and the plot show: all of them, or for JPEG at any scale (its
+    scales x qualities overlap) its efficient points."""
+    return _efficient(points) if row == JPEG_ANY_SCALE else points
+
+
 def _versions(packages: tuple[str, ...]) -> str:
     """``"name version, ..."`` of the installed ``packages`` (``not installed`` where one is missing)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -651,7 +658,7 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
               ", ".join(f"{s:.3f}" for s in shown[:, 2]),
               bd_rate(ours[:, :2], near(v[:, :2], ours[:, 1].min(), ours[:, 1].max()))]
              for k, v in mean.items() if k != "ours"
-             for shown in [_efficient(v) if k == JPEG_ANY_SCALE else v]]
+             for shown in [_shown(k, v)]]
     lines += ["**Peers** (mean over the images; for JPEG at any scale, the efficient points of its "
               f"{len(JPEG_SCALES)} x {len(JPEG_QUALITIES)} settings) and BD-rate of ours against each "
               "(negative = ours smaller):", "",
@@ -672,7 +679,7 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
               "smallest of them, quality 1 at 1/" + str(JPEG_SCALES[-1]) + "):", "",
               markdown_table(["image", *(f"layer {l}" for l in range(ours.shape[0]))],
                              [[n, *(_against_jpeg(rows["ours"][n][l], rows[JPEG_ANY_SCALE][n],
-                                                  f"1/{JPEG_SCALES[-1]} q=1", "q=90 full size")
+                                                  f"1/{JPEG_SCALES[-1]} q=1", f"q={JPEG_QUALITIES[-1]} full size")
                                     for l in range(ours.shape[0]))] for n in images]), ""]
     ceiling = [[n, rows["ours"][n][-1, 0], rows["ours"][n][-1, 1], unquantized[n],
                 interp_psnr(rows["JPEG"][n][:, :2], rows["ours"][n][-1, 0])] for n in images]
@@ -680,8 +687,7 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
               "against full depth and JPEG at full depth's bpp:", "",
               markdown_table(["image", "full depth bpp", "full depth dB", "latents not quantized dB",
                               "JPEG dB at full depth's bpp"], ceiling), ""]
-    per = [[n, k, ", ".join(f"{b:.3f}/{p:.2f}" for b, p in (_efficient(rows[k][n]) if k == JPEG_ANY_SCALE
-                                                             else rows[k][n])[:, :2])] for n in images
+    per = [[n, k, ", ".join(f"{b:.3f}/{p:.2f}" for b, p in _shown(k, rows[k][n])[:, :2])] for n in images
            for k in ("ours", "JPEG", JPEG_ANY_SCALE, "CompressAI factorized") if k in rows]
     lines += ["**Per image** (bpp/PSNR; JPEG at any scale: its efficient points):", "",
               markdown_table(["image", "codec", "bpp/PSNR"], per), ""]
@@ -694,8 +700,7 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
     if report:
         from svq_modules.plotting import plot_rate_distortion
 
-        series = {k: v[:, :2] for k, v in mean.items()}
-        series = {k: _efficient(v) if k == JPEG_ANY_SCALE else v for k, v in series.items()}
+        series = {k: _shown(k, v)[:, :2] for k, v in mean.items()}
         plot_rate_distortion(series, RD_PNG, metric="psnr", rate="bpp", annotations={"ours": True},
                              styles={"JPEG": {"linestyle": "--"}, "WebP": {"linestyle": "--"},
                                      JPEG_ANY_SCALE: {"linestyle": ":"}},
