@@ -479,6 +479,11 @@ def bd_rate(ours: np.ndarray, peer: np.ndarray) -> float:
     return float((math.exp(means[0] - means[1]) - 1) * 100)
 
 
+def _bd_against(ours: np.ndarray, peer: np.ndarray) -> float:
+    """:func:`bd_rate` of ``ours`` against the points of ``peer`` near ours' PSNR range (``[P, >= 2]`` each)."""
+    return bd_rate(ours[:, :2], near(peer[:, :2], ours[:, 1].min(), ours[:, 1].max()))
+
+
 def _efficient(points: np.ndarray) -> np.ndarray:
     """The efficient points of a curve: in bpp order, each one with a higher PSNR than every cheaper point."""
     pts = points[np.lexsort((-points[:, 1], points[:, 0]))]  # bpp ascending, PSNR descending on ties
@@ -654,15 +659,22 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
     lines += ["**Ours per layer** (mean over the images; ours - JPEG / WebP: the mean over the images whose sweep "
               "reaches ours' bpp there, interpolated in log bpp; see the per-image table below):", "",
               markdown_table(header, table), ""]
-    peers = [[k, ", ".join(f"{b:.3f}" for b in shown[:, 0]), ", ".join(f"{p:.2f}" for p in shown[:, 1]),
-              ", ".join(f"{s:.3f}" for s in shown[:, 2]),
-              bd_rate(ours[:, :2], near(v[:, :2], ours[:, 1].min(), ours[:, 1].max()))]
-             for k, v in mean.items() if k != "ours"
-             for shown in [_shown(k, v)]]
+    peers = []
+    for k, v in mean.items():
+        if k == "ours":
+            continue
+        shown, each = _shown(k, v), [_bd_against(rows["ours"][n], rows[k][n]) for n in images]
+        known = [b for b in each if math.isfinite(b)]
+        peers.append([k, ", ".join(f"{b:.3f}" for b in shown[:, 0]), ", ".join(f"{p:.2f}" for p in shown[:, 1]),
+                      ", ".join(f"{s:.3f}" for s in shown[:, 2]), _bd_against(ours, v), *each,
+                      float(np.mean(known)) if known else math.nan])
     lines += ["**Peers** (mean over the images; for JPEG at any scale, the efficient points of its "
               f"{len(JPEG_SCALES)} x {len(JPEG_QUALITIES)} settings) and BD-rate of ours against each "
-              "(negative = ours smaller):", "",
-              markdown_table(["codec", "bpp", "PSNR dB", "MS-SSIM", "BD-rate of ours %"], peers), ""]
+              "(negative = ours smaller), on the mean curves and per image (`nan`: the two curves do not overlap "
+              "in PSNR on that image). The mean curves can mislead: an average of curves of different shapes; "
+              "the per-image figures are the ones to trust:", "",
+              markdown_table(["codec", "bpp", "PSNR dB", "MS-SSIM", "BD-rate of ours %, mean curves",
+                              *(f"{n} %" for n in images), "mean of the per-image %"], peers), ""]
     flat = [[k, choice, v[i, 0], v[i, 1], interp_psnr(ours[:, :2], v[i, 0]), interp_psnr(ours[:, :2], v[i, 0]) - v[i, 1]]
             for k, v in mean.items() if k.startswith("flat")
             for i, choice in enumerate(("nearest codewords", "image defaults"))]
