@@ -39,7 +39,7 @@ from torch import Tensor
 from .groups import rank_in_runs
 from .linkage import LINKAGES, candidate_rows, pair_costs
 from .tree import scan_to_marked
-from .validation import check_codebook, check_finite, check_indices, check_int
+from .validation import check_codebook, check_finite, check_indices, check_int, working_dtype
 
 __all__ = [
     "Hierarchy",
@@ -85,7 +85,8 @@ def code_statistics(
         weights: optional ``[N]`` float weight per vector.
 
     Returns:
-        ``counts [K]`` (dtype of ``x``) and ``sums [K, D]``.
+        ``counts [K]`` and ``sums [K, D]`` in the dtype of ``x``, float32 for float16 / bfloat16 ``x``
+        (:func:`~svq_modules.validation.working_dtype`).
     """
     if not torch.is_tensor(x) or x.dim() != 2:
         raise ValueError(f"x must be a [N, D] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
@@ -94,10 +95,15 @@ def code_statistics(
     if x.shape[0] == 0:
         raise ValueError("x is empty: need at least one vector")
     check_finite(x, "x")
+    num_codes = check_int(num_codes, "num_codes", min=1)
     indices = check_indices(indices, num_codes, expected_len=x.shape[0])
+    x = x.to(working_dtype(x.dtype))
     if weights is None:
         w = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     else:
+        if not torch.is_tensor(weights) or weights.is_complex():
+            raise ValueError(f"weights must be a real [N] tensor, got {type(weights).__name__} "
+                             f"{getattr(weights, 'dtype', '')}".rstrip())
         if weights.shape != (x.shape[0],):
             raise ValueError(f"weights must have shape [{x.shape[0]}], got {tuple(weights.shape)}")
         check_finite(weights, "weights")
@@ -122,7 +128,8 @@ def code_points(
             weighs 1 and stands for its data.
 
     Returns:
-        ``(points [K, D], weights [K])`` in the codebook's dtype and device: the
+        ``(points [K, D], weights [K])`` on the codebook's device, in its dtype (float32 for float16 /
+        bfloat16, :func:`~svq_modules.validation.working_dtype`): the
         data mean of each code (its codeword where it has no data) and its data count.
     """
     given_sums = sums is not None
@@ -260,7 +267,12 @@ def build_hierarchy(
             labelled cell is a subtree (see :mod:`svq_modules.refine`).
 
     Returns:
-        :class:`Hierarchy` on the codebook's device and dtype.
+        :class:`Hierarchy` on the codebook's device, in its dtype (float32 for a float16 / bfloat16
+        codebook, :func:`~svq_modules.validation.working_dtype`).
+
+    Raises:
+        ValueError: bad inputs, e.g. ``constraints`` whose row c has a label
+        spanning two labels of row c-1.
     """
     built = build_constrained_hierarchy(
         codebook, counts, sums, constraints, linkage=linkage, block_size=block_size, progress=progress
@@ -356,8 +368,10 @@ def ward_clusters(
 def _check_build_inputs(
     codebook: Tensor, counts: Tensor | None, sums: Tensor | None, linkage: str, constraints: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Checked ``(codebook, counts [K], sums [K, D], constraints [C, K] int64)`` on the codebook's device."""
+    """Checked ``(codebook, counts [K], sums [K, D], constraints [C, K] int64)`` on the codebook's device, in its
+    :func:`~svq_modules.validation.working_dtype` (float32 for a float16 / bfloat16 codebook)."""
     codebook = check_codebook(codebook)
+    codebook = codebook.to(working_dtype(codebook.dtype))
     if linkage not in LINKAGES:
         raise ValueError(f"unknown linkage {linkage!r}; expected one of {LINKAGES}")
     num_codes, dim = codebook.shape
@@ -376,9 +390,26 @@ def _check_build_inputs(
         sums = _check_stat(sums, (num_codes, dim), "sums", codebook)
     if constraints is None:
         constraints = torch.zeros(0, num_codes, dtype=torch.long, device=device)
+    if not torch.is_tensor(constraints):
+        raise ValueError(f"constraints must be a [C, {num_codes}] integer tensor, got {type(constraints).__name__}")
     if constraints.dim() != 2 or constraints.shape[1] != num_codes or constraints.is_floating_point():
         raise ValueError(f"constraints must be a [C, {num_codes}] integer tensor, got {list(constraints.shape)}")
-    return codebook, counts, sums, constraints.to(device=device, dtype=torch.long)
+    constraints = constraints.to(device=device, dtype=torch.long)
+    _check_nested(constraints)
+    return codebook, counts, sums, constraints
+
+
+def _check_nested(constraints: Tensor) -> None:
+    """Raise ``ValueError`` unless every label of row ``c`` of ``constraints [C, K]`` lies inside one label of
+    row ``c - 1``, naming the first label that straddles two."""
+    for c in range(1, constraints.shape[0]):
+        pairs = torch.unique(constraints[c - 1 : c + 1], dim=1)  # distinct (coarse, fine), sorted by coarse
+        fine, count = torch.unique(pairs[1], return_counts=True)
+        if bool((count > 1).any()):
+            label = int(fine[count > 1][0])
+            coarse = pairs[0, pairs[1] == label][:2].tolist()
+            raise ValueError(f"constraints must be nested (each label of a row inside one label of the row "
+                             f"above): row {c} label {label} spans row {c - 1} labels {coarse[0]} and {coarse[1]}")
 
 
 def _progress_bar(progress: bool, total: int) -> Any:

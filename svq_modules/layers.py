@@ -54,6 +54,7 @@ __all__ = [
     "encode_indices",
     "decode_codes",
     "reconstruct",
+    "check_tables",
     "symbol_bits",
     "layer_rates",
     "branch_probabilities",
@@ -435,6 +436,19 @@ def decode_codes(tables: LayerTables, codes: Tensor) -> Tensor:
     return out
 
 
+def check_tables(hierarchy: Hierarchy, tables: LayerTables) -> None:
+    """Raise a one-line ``ValueError`` unless ``tables`` were cut from a tree of ``hierarchy``'s size."""
+    if not isinstance(hierarchy, Hierarchy):
+        raise ValueError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
+    if not isinstance(tables, LayerTables):
+        raise ValueError(f"tables must be LayerTables, got {type(tables).__name__}")
+    if tables.num_leaves != hierarchy.num_leaves or tables.group_size.shape[1] != hierarchy.num_nodes:
+        raise ValueError(
+            f"tables are for {tables.num_leaves} leaves / {tables.group_size.shape[1]} nodes but the hierarchy "
+            f"has {hierarchy.num_leaves} / {hierarchy.num_nodes}"
+        )
+
+
 def reconstruct(hierarchy: Hierarchy, tables: LayerTables, indices: Tensor, num_layers: int) -> Tensor:
     """Reconstruction of codeword indices after ``num_layers`` layers.
 
@@ -445,6 +459,7 @@ def reconstruct(hierarchy: Hierarchy, tables: LayerTables, indices: Tensor, num_
     Returns:
         ``[N, D]`` float centers of the layer ``num_layers-1`` nodes.
     """
+    check_tables(hierarchy, tables)
     num_layers = check_int(num_layers, "num_layers", min=1, max=tables.num_layers)
     indices = check_indices(indices, tables.num_leaves)
     return hierarchy.center[tables.leaf_node[num_layers - 1, indices.to(tables.leaf_node.device)]]
@@ -500,6 +515,7 @@ def layer_rates(hierarchy: Hierarchy, tables: LayerTables, indices: Tensor | Non
         :class:`LayerRates` with raw (fixed-length) and ideal entropy-coded bits,
         each ``[L]`` float64.
     """
+    check_tables(hierarchy, tables)
     if indices is None:
         weight = hierarchy.count[: tables.num_leaves].to(torch.float64)
         if float(weight.sum()) <= 0:

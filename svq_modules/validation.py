@@ -23,6 +23,7 @@ __all__ = [
     "check_indices",
     "check_vectors",
     "check_bits_list",
+    "working_dtype",
     "check_bit_proposal",
 ]
 
@@ -107,6 +108,13 @@ def check_finite(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains {bad} values")
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to accumulate statistics and build trees in: float32 for float16 / bfloat16 (whose sums of
+    data counts and squared distances overflow or stop growing: float16 holds at most 65504 and adds 1 to
+    2048 no more), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def check_codebook(codebook: Tensor) -> Tensor:
     """``codebook: [K, D] float``, finite, K >= 1, D >= 1."""
     if not torch.is_tensor(codebook):
@@ -147,6 +155,8 @@ def check_indices(indices: Tensor, num_codes: int, expected_len: int | None = No
         raise ValueError(f"{name} must be 1-D [N], got shape {list(indices.shape)}")
     if expected_len is not None and indices.shape[0] != expected_len:
         raise ValueError(f"{name} has {indices.shape[0]} entries but there are {expected_len} vectors")
+    if indices.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min / max for these
+        indices = indices.long()  # exact below 2**63 (larger uint64 values turn negative: out of range below)
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num_codes:

@@ -289,6 +289,19 @@ def test_constrained_tree_keeps_every_cell_a_subtree():
         build_constrained_hierarchy(codebook, constraints=coarse)
 
 
+@pytest.mark.parametrize("build", [build_hierarchy, build_constrained_hierarchy])
+def test_constraints_that_are_not_nested_are_refused(build):
+    # fine label 1 holds codes 8..15, which sit in coarse labels 0 and 1 (codes alternate between them)
+    K = 32
+    codebook = torch.randn(K, 3, generator=torch.Generator().manual_seed(4))
+    coarse, fine = torch.arange(K) % 2, torch.arange(K) // 8
+    with pytest.raises(ValueError, match=r"constraints must be nested .* row 1 label 0 spans row 0 labels 0 and 1"):
+        build(codebook, constraints=torch.stack([coarse, fine]))
+    # the same cells nested (fine = coarse refined) are accepted, also with a third row of singletons
+    nested = torch.stack([coarse, coarse * 4 + fine, torch.arange(K)])
+    assert build(codebook, constraints=nested) is not None
+
+
 def greedy_constrained_ward(counts, sums, constraints):
     """Textbook constrained Ward: inside the finest labels, then each coarser row, then free."""
     rows = [None] + list(range(constraints.shape[0]))  # free last

@@ -322,3 +322,93 @@ def test_decompress_of_bytes_instead_of_a_list_of_chunks():
     chunks = vq.compress(torch.randn(10, 3))
     with pytest.raises(BitstreamError, match="sequence"):
         vq.decompress(chunks[0])
+
+
+# --------------------------------------------------------------------------- half precision, odd dtypes, mismatches
+
+
+def test_half_precision_codebook_builds_the_float32_tree():
+    # distances of codewords ~100 apart overflow float16 (max 65504); the build runs in float32 on the same values
+    from svq_modules import build_hierarchy
+
+    cb = (torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * 100).half()
+    half, full = build_hierarchy(cb), build_hierarchy(cb.float())
+    assert torch.equal(half.parent, full.parent) and half.center.dtype == torch.float32
+    assert sorted(half.children.flatten().tolist()) == list(range(2 * 16 - 2))  # every node merged once
+    with pytest.raises(RuntimeError, match="float16 buffers cannot hold its tree"):  # its merge costs pass 65504
+        ScalableVQ.from_codebook(cb, bits=[2, 1])
+    small = cb / 100  # costs that a float16 module holds: the tree of the same values in a float32 module
+    vq, ref = (ScalableVQ.from_codebook(c, bits=[2, 1]) for c in (small, small.float()))
+    assert torch.equal(vq.index.tree_parent, ref.index.tree_parent)
+    assert torch.equal(vq.index.layers_leaf_node, ref.index.layers_leaf_node)
+
+
+def test_half_precision_statistics_count_past_2048():
+    from svq_modules import code_statistics
+
+    counts, sums = code_statistics(torch.ones(5000, 2).half(), torch.zeros(5000, dtype=torch.long), 2)
+    assert counts.tolist() == [5000.0, 0.0] and sums[0].tolist() == [5000.0, 5000.0]
+
+
+def test_half_precision_buffers_too_small_for_the_counts_say_so_and_keep_the_old_tables():
+    cb = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)).half()
+    with pytest.raises(RuntimeError, match=r"float16 buffers cannot hold .* keep the quantizer in float32"):
+        ScalableVQ.from_codebook(cb, counts=torch.full((16,), 5000.0), bits=[2, 1])
+    vq = ScalableVQ.from_codebook(cb, counts=torch.full((16,), 50.0), bits=[2, 1])
+    before = {k: b.clone() for k, b in vq.index.named_buffers()}
+    vq.learner.cluster_size.fill_(5000.0)  # counts whose tree sums pass 65504
+    with pytest.raises(RuntimeError, match="cannot hold"):
+        vq.update(force=True)
+    assert all(torch.equal(before[k], b) for k, b in vq.index.named_buffers())
+
+
+def test_negative_counts_are_refused():
+    with pytest.raises(ValueError, match="counts must be >= 0, got a minimum of -1"):
+        ScalableVQ.from_codebook(torch.randn(16, 3), counts=-torch.ones(16), bits=[2, 1])
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_indices_work(dtype):
+    vq = _built()
+    idx = np.array([1, 2, 15], dtype=dtype)
+    assert torch.equal(vq.reconstruct(idx, 2), vq.reconstruct(torch.tensor([1, 2, 15]), 2))
+    with pytest.raises(ValueError, match=r"indices out of range: values in \[1, 16\]"):
+        vq.reconstruct(np.array([1, 16], dtype=dtype), 2)
+
+
+def test_hierarchy_and_tables_of_different_codebooks_are_refused():
+    from svq_modules import build_hierarchy, build_layers, layer_rates, reconstruct
+
+    cb = torch.randn(16, 3)
+    tables = build_layers(build_hierarchy(cb), [2, 1])
+    with pytest.raises(ValueError, match="tables are for 16 leaves / 31 nodes but the hierarchy has 4 / 7"):
+        reconstruct(build_hierarchy(cb[:4]), tables, torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="tables are for 16 leaves"):  # was a silent 0 bits
+        layer_rates(build_hierarchy(torch.randn(64, 8)), tables)
+
+
+def test_empty_batches():
+    vq = _built()
+    assert vq.quantize(torch.randn(0, 3), 0.5, relative=True).shape == (0,)
+    with pytest.raises(ValueError, match="at least one item"):
+        vq.compress_items(torch.randn(0, 4, 5, 3))
+
+
+def test_channel_first_single_index_gives_one_vector():
+    vq = ScalableVQ.from_codebook(torch.randn(8, 3), bits=[1, 1], channel_first=True)
+    assert torch.equal(vq.reconstruct(torch.tensor(5), 3), vq.codebook[5])
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda f, x, i: f(x, i, 8.0), "num_codes must be a positive int, got 8.0"),
+        (lambda f, x, i: f(x, i, 8, weights=[1.0] * 20), "weights must be a real"),
+        (lambda f, x, i: f(x, i, 8, weights=torch.ones(20, dtype=torch.complex64)), "weights must be a real"),
+    ],
+)
+def test_code_statistics_bad_arguments(call, words):
+    from svq_modules import code_statistics
+
+    with pytest.raises(ValueError, match=words):
+        call(code_statistics, torch.randn(20, 3), torch.randint(0, 8, (20,)))

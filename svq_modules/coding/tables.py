@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..hierarchy import Hierarchy
-from ..layers import LayerTables
+from ..layers import LayerTables, check_tables
 from ..tree import node_depth, scan_to_marked
 from ..validation import check_int
 from .chunk import MAX_LAYERS
@@ -328,15 +328,7 @@ def _ranges(first: np.ndarray, size: np.ndarray) -> np.ndarray:
 
 def check_model(hierarchy: Hierarchy, tables: LayerTables) -> None:
     """Types and sizes of a model the format can carry; one-line ``ValueError`` otherwise."""
-    if not isinstance(hierarchy, Hierarchy):
-        raise ValueError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
-    if not isinstance(tables, LayerTables):
-        raise ValueError(f"tables must be LayerTables, got {type(tables).__name__}")
-    if tables.num_leaves != hierarchy.num_leaves or tables.group_size.shape[1] != hierarchy.num_nodes:
-        raise ValueError(
-            f"tables are for {tables.num_leaves} leaves / {tables.group_size.shape[1]} nodes but the hierarchy "
-            f"has {hierarchy.num_leaves} / {hierarchy.num_nodes}"
-        )
+    check_tables(hierarchy, tables)
     if not 1 <= tables.num_layers <= MAX_LAYERS:
         raise ValueError(f"tables have {tables.num_layers} layers; the format supports 1..{MAX_LAYERS}")
     if hierarchy.dim >= 1 << 32 or hierarchy.num_leaves >= 1 << 31:

@@ -198,7 +198,7 @@ class EMACodebook(nn.Module):
         super().__init__()
         self.num_codes = check_int(num_codes, "codebook_size", min=1)
         self.dim = check_int(dim, "dim", min=1)
-        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0:
+        if check_weight(decay, "decay") >= 1.0:  # NumPy floats too (check_weight), below 1
             raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
         self.eps = check_weight(eps, "eps")
         self.threshold_ema_dead_code = check_weight(threshold_ema_dead_code, "threshold_ema_dead_code")

@@ -191,7 +191,7 @@ class ScalableIndex(nn.Module):
         )
         if tables.num_layers != self.num_layers:
             raise RuntimeError(f"build_layers returned {tables.num_layers} layers, expected {self.num_layers}")
-        targets = []
+        pairs = []  # every field checked before any buffer changes
         for prefix, spec, src in ((_TREE_PREFIX, TREE_FIELDS, hierarchy), (_LAYER_PREFIX, LAYER_FIELDS, tables)):
             values = src.as_dict()
             if set(values) != set(spec):
@@ -200,8 +200,18 @@ class ScalableIndex(nn.Module):
                 buf = getattr(self, prefix + name)
                 if buf.shape != value.shape:
                     raise RuntimeError(f"{prefix + name}: built shape {list(value.shape)} != buffer shape {list(buf.shape)}")
-                buf.copy_(value)
-                targets.append(buf)
+                value = value.to(buf.dtype)
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):  # the built values are finite
+                    raise RuntimeError(
+                        f"the quantizer's {buf.dtype} buffers cannot hold its tree ({prefix + name} overflows, e.g. "
+                        f"data counts above {torch.finfo(buf.dtype).max:g}); keep the quantizer in float32 "
+                        f"(vq.float()) to build it"
+                    )
+                pairs.append((buf, value))
+        targets = []
+        for buf, value in pairs:
+            buf.copy_(value)
+            targets.append(buf)
         if sync:
             svq_dist.broadcast_tensors_(targets)
         self.built_version.fill_(int(version))

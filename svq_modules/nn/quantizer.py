@@ -202,6 +202,9 @@ def _wrapped_statistics(
         counts = _as_tensor(counts, "counts", "real").to(codebook)
         if counts.shape != (k,):
             raise ValueError(f"counts must have shape [{k}], got {list(counts.shape)}")
+        check_finite(counts, "counts")
+        if bool((counts < 0).any()):
+            raise ValueError(f"counts must be >= 0, got a minimum of {float(counts.min()):g}")
         sums = codebook * counts[:, None] if sums is None else _as_tensor(sums, "sums", "real").to(codebook)
     elif sums is not None:
         raise ValueError("sums given without counts: pass counts [K] too")
@@ -377,7 +380,7 @@ class ScalableVQ(nn.Module):
 
     def _unflatten(self, flat: Tensor, batch: torch.Size) -> Tensor:
         out = flat.reshape(*batch, self.dim)
-        return out.movedim(-1, 1) if self.channel_first else out
+        return out.movedim(-1, 1) if self.channel_first and out.dim() > 1 else out  # one index: [D] either way
 
     def _check_layers(self, num_layers: Any, name: str = "num_layers", most: int | None = None) -> int:
         return check_int(num_layers, name, min=1, max=self.num_layers if most is None else most)
@@ -399,7 +402,7 @@ class ScalableVQ(nn.Module):
         unaware. ``relative``: ``lam`` is ``rate_weight`` x the mean squared distance of ``x``'s vectors to their nearest."""
         _check_input(x, self.dim, self.channel_first)
         rate_weight, relative = check_weight(rate_weight, "rate_weight"), check_bool(relative, "relative")
-        if rate_weight == 0:
+        if rate_weight == 0 or x.numel() == 0:  # no vectors: nothing to weigh (and no mean distance)
             return self._quantize(x)
         bits, dtype = self.index.code_lengths(), _compute_dtype(x, self.codebook)
         self._warn_if_stale()
@@ -620,8 +623,8 @@ class ScalableVQ(nn.Module):
         """
         options = self._coding_options(x, coding, num_layers, embed_centers)
         indices = self.quantize(x, rate_weight)
-        if indices.dim() < 1:
-            raise ValueError(f"x must have a batch dimension, got shape {list(x.shape)}")
+        if indices.dim() < 1 or indices.shape[0] == 0:
+            raise ValueError(f"x must have a batch dimension with at least one item, got shape {list(x.shape)}")
         return {"strings": _item_strings(self.hierarchy, self.tables, indices, **options), "shape": tuple(indices.shape[1:])}
 
     @torch.no_grad()
