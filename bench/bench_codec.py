@@ -670,9 +670,9 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
                       float(np.mean(known)) if known else math.nan])
     lines += ["**Peers** (mean over the images; for JPEG at any scale, the efficient points of its "
               f"{len(JPEG_SCALES)} x {len(JPEG_QUALITIES)} settings) and BD-rate of ours against each "
-              "(negative = ours smaller), on the mean curves and per image (`nan`: the two curves do not overlap "
-              "in PSNR on that image). The mean curves can mislead: an average of curves of different shapes; "
-              "the per-image figures are the ones to trust:", "",
+              "(negative = ours smaller), on the mean curves and per image (`-`: none on that image, where the curves "
+              "do not overlap in PSNR or the peer has fewer than two efficient points there). The mean curves can "
+              "mislead: an average of curves of different shapes; the per-image figures are the ones to trust:", "",
               markdown_table(["codec", "bpp", "PSNR dB", "MS-SSIM", "BD-rate of ours %, mean curves",
                               *(f"{n} %" for n in images), "mean of the per-image %"], peers), ""]
     flat = [[k, choice, v[i, 0], v[i, 1], interp_psnr(ours[:, :2], v[i, 0]), interp_psnr(ours[:, :2], v[i, 0]) - v[i, 1]]

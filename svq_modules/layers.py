@@ -333,6 +333,11 @@ def build_layers(
     constrained_layers = check_int(constrained_layers, "constrained_layers", min=0)
     if constrained_layers and node_level is None:
         raise ValueError("constrained_layers needs node_level")
+    if node_level is not None and (not torch.is_tensor(node_level) or node_level.is_floating_point()
+                                   or node_level.is_complex() or tuple(node_level.shape) != (hierarchy.num_nodes,)):
+        raise ValueError(f"node_level must be a [{hierarchy.num_nodes}] integer tensor (one level per node of the "
+                         f"hierarchy), got " + (f"shape {list(node_level.shape)} {node_level.dtype}"
+                                                 if torch.is_tensor(node_level) else type(node_level).__name__))
     cutter = _Cutter(hierarchy, cut, node_level)
     bits, num_layers = check_bit_proposal(bits, num_layers, need_num_layers=False)
     widths = _proposal_widths(bits, hierarchy, num_layers, cut)

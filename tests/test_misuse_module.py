@@ -412,3 +412,16 @@ def test_code_statistics_bad_arguments(call, words):
 
     with pytest.raises(ValueError, match=words):
         call(code_statistics, torch.randn(20, 3), torch.randint(0, 8, (20,)))
+
+
+@pytest.mark.parametrize("node_level, words", [
+    (torch.zeros(3, dtype=torch.long), r"shape \[3\] torch.int64"),
+    ([0] * 31, "got list"),
+    (torch.zeros(31), "torch.float32"),
+])
+def test_build_layers_bad_node_level(node_level, words):
+    from svq_modules import build_hierarchy, build_layers
+
+    h = build_hierarchy(torch.randn(16, 3))
+    with pytest.raises(ValueError, match=r"node_level must be a \[31\] integer tensor .*" + words):
+        build_layers(h, [2], node_level=node_level, constrained_layers=1)
