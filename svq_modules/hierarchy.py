@@ -39,7 +39,7 @@ from torch import Tensor
 from .groups import rank_in_runs
 from .linkage import LINKAGES, candidate_rows, pair_costs
 from .tree import scan_to_marked
-from .validation import check_codebook, check_finite, check_indices, check_int, working_dtype
+from .validation import check_codebook, check_finite, check_indices, check_int, dataclass_fields, working_dtype
 
 __all__ = [
     "Hierarchy",
@@ -193,7 +193,7 @@ class Hierarchy:
 
     @classmethod
     def from_dict(cls, tensors: dict[str, Tensor]) -> Hierarchy:
-        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+        return cls(**dataclass_fields(cls, tensors))
 
     def to(self, *args, **kwargs) -> Hierarchy:
         """Move float tensors like ``Tensor.to``; index tensors keep int64."""

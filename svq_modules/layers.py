@@ -40,7 +40,15 @@ from torch import Tensor
 from .groups import rank_in_runs
 from .hierarchy import Hierarchy
 from .tree import node_depth, scan_to_marked
-from .validation import PROPOSALS, BitProposal, check_bit_proposal, check_bits_list, check_indices, check_int
+from .validation import (
+    PROPOSALS,
+    BitProposal,
+    check_bit_proposal,
+    check_bits_list,
+    check_indices,
+    check_int,
+    dataclass_fields,
+)
 
 __all__ = [
     "LayerTables",
@@ -112,9 +120,12 @@ class LayerTables:
 
     @classmethod
     def from_dict(cls, tensors: dict[str, Tensor]) -> LayerTables:
-        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+        return cls(**dataclass_fields(cls, tensors))
 
     def to(self, device: torch.device | str) -> LayerTables:
+        """The tables on ``device`` (int64 indices all: a dtype is refused)."""
+        if isinstance(device, torch.dtype):
+            raise ValueError(f"LayerTables.to takes a device, got the dtype {device}: its tables stay int64")
         return LayerTables(**{k: v.to(device) for k, v in self.as_dict().items()})
 
 

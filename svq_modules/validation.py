@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
@@ -24,6 +25,7 @@ __all__ = [
     "check_vectors",
     "check_bits_list",
     "working_dtype",
+    "dataclass_fields",
     "check_bit_proposal",
 ]
 
@@ -113,6 +115,18 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     data counts and squared distances overflow or stop growing: float16 holds at most 65504 and adds 1 to
     2048 no more), else ``dtype`` itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def dataclass_fields(cls: type, tensors: Any) -> dict[str, Any]:
+    """The entries of ``tensors`` (a mapping) that the dataclass ``cls`` takes, by field name; ``ValueError``
+    naming the missing ones (the one check of ``from_dict`` of the package's tensor records)."""
+    if not hasattr(tensors, "keys"):
+        raise ValueError(f"{cls.__name__}.from_dict needs a dict of tensors, got {type(tensors).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"{cls.__name__}.from_dict: missing {missing} (expected the keys {names})")
+    return {n: tensors[n] for n in names}
 
 
 def check_codebook(codebook: Tensor) -> Tensor:

@@ -425,3 +425,18 @@ def test_build_layers_bad_node_level(node_level, words):
     h = build_hierarchy(torch.randn(16, 3))
     with pytest.raises(ValueError, match=r"node_level must be a \[31\] integer tensor .*" + words):
         build_layers(h, [2], node_level=node_level, constrained_layers=1)
+
+
+def test_records_from_incomplete_dicts_and_tables_to_a_dtype():
+    from svq_modules import Hierarchy, LayerTables, build_hierarchy, build_layers
+
+    h = build_hierarchy(torch.randn(8, 3))
+    tables = build_layers(h, [1, 1])
+    with pytest.raises(ValueError, match=r"Hierarchy.from_dict: missing \['parent', 'children'"):
+        Hierarchy.from_dict({})
+    partial = {k: v for k, v in tables.as_dict().items() if k != "members"}
+    with pytest.raises(ValueError, match=r"LayerTables.from_dict: missing \['members'\]"):
+        LayerTables.from_dict(partial)
+    assert torch.equal(Hierarchy.from_dict(h.as_dict()).parent, h.parent)  # a whole dict still works
+    with pytest.raises(ValueError, match="takes a device, got the dtype torch.float32"):
+        tables.to(torch.float32)
