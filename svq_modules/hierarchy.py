@@ -507,7 +507,7 @@ class MergeState:
             weight[:num_codes] = torch.where(has_data, counts, counts.new_tensor(_EMPTY_WEIGHT))
         alive = torch.zeros(num_nodes + 1, dtype=torch.bool, device=device)
         alive[:num_codes] = True
-        block = block_size or _DEFAULT_BLOCK_ELEMENTS
+        block = _DEFAULT_BLOCK_ELEMENTS if block_size is None else check_int(block_size, "block_size", min=1)
         k = (_CANDIDATES_LARGE if num_codes >= _LARGE_CODEBOOK else _CANDIDATES) if linkage == "ward" else 1
         sentinel = num_nodes
 

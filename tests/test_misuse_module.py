@@ -440,3 +440,19 @@ def test_records_from_incomplete_dicts_and_tables_to_a_dtype():
     assert torch.equal(Hierarchy.from_dict(h.as_dict()).parent, h.parent)  # a whole dict still works
     with pytest.raises(ValueError, match="takes a device, got the dtype torch.float32"):
         tables.to(torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [0, -5, 2.5, "a"])
+def test_build_hierarchy_bad_block_size(block_size):
+    from svq_modules import build_hierarchy
+
+    with pytest.raises(ValueError, match=f"block_size must be a positive int, got {block_size!r}"):
+        build_hierarchy(torch.randn(8, 3), block_size=block_size)
+
+
+def test_decompress_items_with_a_shape_that_is_not_a_tuple():
+    vq = _built()
+    sent = vq.compress_items(torch.randn(2, 4, 5, 3))
+    assert vq.decompress_items(**sent).shape == (2, 4, 5, 3)
+    with pytest.raises(ValueError, match="shape must be the item shape from compress_items .* got 4"):
+        vq.decompress_items(sent["strings"], shape=4)

@@ -251,6 +251,8 @@ def _decode_items(
     sizes = {len(layer) if isinstance(layer, Sequence) and not isinstance(layer, (bytes, str)) else -1 for layer in strings}
     if len(sizes) != 1 or min(sizes) < 1:
         raise ValueError(f"strings[l] must be lists of bytes, one per item, as many in every layer; got sizes {sorted(sizes)}")
+    if shape is not None and not (isinstance(shape, Sequence) and all(isinstance(n, int) for n in shape)):
+        raise ValueError(f"shape must be the item shape from compress_items (a tuple of ints), got {shape!r}")
     nodes, shapes = [], set()
     for b in range(sizes.pop()):
         out = decompress_layers(hierarchy, tables, [layer[b] for layer in strings], num_layers=num_layers)
