@@ -480,8 +480,9 @@ def bd_rate(ours: np.ndarray, peer: np.ndarray) -> float:
 
 
 def _bd_against(ours: np.ndarray, peer: np.ndarray) -> float:
-    """:func:`bd_rate` of ``ours`` against the points of ``peer`` near ours' PSNR range (``[P, >= 2]`` each)."""
-    return bd_rate(ours[:, :2], near(peer[:, :2], ours[:, 1].min(), ours[:, 1].max()))
+    """:func:`bd_rate` of ``ours`` against ``peer``'s efficient points near ours' PSNR range (``[P, >= 2]`` each;
+    efficient first, so that a dominated point never stands in for an efficient one just outside the range)."""
+    return bd_rate(ours[:, :2], near(_efficient(peer[:, :2]), ours[:, 1].min(), ours[:, 1].max()))
 
 
 def _efficient(points: np.ndarray) -> np.ndarray:
@@ -667,14 +668,14 @@ def write(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
         known = [b for b in each if math.isfinite(b)]
         peers.append([k, ", ".join(f"{b:.3f}" for b in shown[:, 0]), ", ".join(f"{p:.2f}" for p in shown[:, 1]),
                       ", ".join(f"{s:.3f}" for s in shown[:, 2]), _bd_against(ours, v), *each,
-                      float(np.mean(known)) if known else math.nan])
+                      float(np.mean(known)) if known else math.nan, f"{len(known)} of {len(each)}"])
     lines += ["**Peers** (mean over the images; for JPEG at any scale, the efficient points of its "
               f"{len(JPEG_SCALES)} x {len(JPEG_QUALITIES)} settings) and BD-rate of ours against each "
               "(negative = ours smaller), on the mean curves and per image (`-`: none on that image, where the curves "
               "do not overlap in PSNR or the peer has fewer than two efficient points there). The mean curves can "
               "mislead: an average of curves of different shapes; the per-image figures are the ones to trust:", "",
               markdown_table(["codec", "bpp", "PSNR dB", "MS-SSIM", "BD-rate of ours %, mean curves",
-                              *(f"{n} %" for n in images), "mean of the per-image %"], peers), ""]
+                              *(f"{n} %" for n in images), "mean of the per-image %", "images"], peers), ""]
     flat = [[k, choice, v[i, 0], v[i, 1], interp_psnr(ours[:, :2], v[i, 0]), interp_psnr(ours[:, :2], v[i, 0]) - v[i, 1]]
             for k, v in mean.items() if k.startswith("flat")
             for i, choice in enumerate(("nearest codewords", "image defaults"))]

@@ -403,13 +403,15 @@ def _check_nested(constraints: Tensor) -> None:
     """Raise ``ValueError`` unless every label of row ``c`` of ``constraints [C, K]`` lies inside one label of
     row ``c - 1``, naming the first label that straddles two."""
     for c in range(1, constraints.shape[0]):
-        pairs = torch.unique(constraints[c - 1 : c + 1], dim=1)  # distinct (coarse, fine), sorted by coarse
-        fine, count = torch.unique(pairs[1], return_counts=True)
-        if bool((count > 1).any()):
-            label = int(fine[count > 1][0])
-            coarse = pairs[0, pairs[1] == label][:2].tolist()
-            raise ValueError(f"constraints must be nested (each label of a row inside one label of the row "
-                             f"above): row {c} label {label} spans row {c - 1} labels {coarse[0]} and {coarse[1]}")
+        coarse, fine = constraints[c - 1], constraints[c]
+        labels, cell = torch.unique(fine, return_inverse=True)
+        owner = torch.empty_like(labels).scatter_(0, cell, coarse)  # one coarse label per fine label (any one)
+        straddle = owner[cell] != coarse
+        if bool(straddle.any()):
+            i = int(straddle.nonzero()[0, 0])
+            a, b = sorted((int(coarse[i]), int(owner[cell[i]])))
+            raise ValueError(f"constraints must be nested (each label of a row inside one label of the row above): "
+                             f"row {c} label {int(fine[i])} spans row {c - 1} labels {a} and {b}")
 
 
 def _progress_bar(progress: bool, total: int) -> Any:
@@ -793,6 +795,9 @@ def _mutual_pairs(ids: Tensor, x: Tensor, w: Tensor, ward: bool, max_roots: int)
         take = mutual & (rank < room[:, None])
     stuck = ~take.any(1)
     if bool(stuck.any()):
+        if not bool(torch.isfinite(best[stuck]).any(1).all()):  # no finite cost left to merge by
+            raise ValueError(f"linkage costs overflow {x.dtype} (codewords or counts too large, e.g. beyond "
+                             f"{torch.finfo(x.dtype).max ** 0.5:.1g}): rescale the data")
         take[stuck.nonzero().squeeze(1), best[stuck].argmin(1)] = True
     g, s = take.nonzero(as_tuple=True)
     return g, s, nn[g, s], best[g, s]

@@ -110,6 +110,10 @@ def check_finite(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains {bad} values")
 
 
+# unsigned integer dtypes wider than uint8 (torch >= 2.3 has them)
+_WIDE_UNSIGNED = tuple(d for d in (getattr(torch, n, None) for n in ("uint16", "uint32", "uint64")) if d is not None)
+
+
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to accumulate statistics and build trees in: float32 for float16 / bfloat16 (whose sums of
     data counts and squared distances overflow or stop growing: float16 holds at most 65504 and adds 1 to
@@ -169,7 +173,7 @@ def check_indices(indices: Tensor, num_codes: int, expected_len: int | None = No
         raise ValueError(f"{name} must be 1-D [N], got shape {list(indices.shape)}")
     if expected_len is not None and indices.shape[0] != expected_len:
         raise ValueError(f"{name} has {indices.shape[0]} entries but there are {expected_len} vectors")
-    if indices.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min / max for these
+    if indices.dtype in _WIDE_UNSIGNED:  # torch has no min / max for these
         indices = indices.long()  # exact below 2**63 (larger uint64 values turn negative: out of range below)
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())

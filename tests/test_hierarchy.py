@@ -291,7 +291,7 @@ def test_constrained_tree_keeps_every_cell_a_subtree():
 
 @pytest.mark.parametrize("build", [build_hierarchy, build_constrained_hierarchy])
 def test_constraints_that_are_not_nested_are_refused(build):
-    # fine label 1 holds codes 8..15, which sit in coarse labels 0 and 1 (codes alternate between them)
+    # fine label 0 holds codes 0..7, which sit in coarse labels 0 and 1 (the coarse labels alternate)
     K = 32
     codebook = torch.randn(K, 3, generator=torch.Generator().manual_seed(4))
     coarse, fine = torch.arange(K) % 2, torch.arange(K) // 8

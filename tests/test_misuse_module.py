@@ -367,6 +367,7 @@ def test_negative_counts_are_refused():
         ScalableVQ.from_codebook(torch.randn(16, 3), counts=-torch.ones(16), bits=[2, 1])
 
 
+@pytest.mark.skipif(not hasattr(torch, "uint16"), reason="torch < 2.3 has no uint16 / uint32 / uint64 tensors")
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
 def test_unsigned_indices_work(dtype):
     vq = _built()
@@ -454,5 +455,33 @@ def test_decompress_items_with_a_shape_that_is_not_a_tuple():
     vq = _built()
     sent = vq.compress_items(torch.randn(2, 4, 5, 3))
     assert vq.decompress_items(**sent).shape == (2, 4, 5, 3)
+    for shape in ([4, 5], torch.Size([4, 5]), (np.int64(4), np.int64(5)), np.array([4, 5])):  # as saved and loaded
+        assert vq.decompress_items(sent["strings"], shape=shape).shape == (2, 4, 5, 3)
     with pytest.raises(ValueError, match="shape must be the item shape from compress_items .* got 4"):
         vq.decompress_items(sent["strings"], shape=4)
+    with pytest.raises(ValueError, match=r"got \(4.0, 5\)"):
+        vq.decompress_items(sent["strings"], shape=(4.0, 5))
+
+
+def test_decay_as_a_numpy_float():
+    assert ScalableVQ(dim=3, codebook_size=16, decay=np.float32(0.5)).learner.decay == 0.5
+    with pytest.raises(ValueError, match="decay must be a float in"):
+        ScalableVQ(dim=3, codebook_size=16, decay=np.float32(1.0))
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e20])
+def test_codewords_beyond_float32_linkage_say_rescale(scale):
+    # squared distances of codewords ~1e19 apart pass float32's 3.4e38: no finite merge cost is left
+    from svq_modules import build_hierarchy
+
+    cb = torch.randn(16, 3, generator=torch.Generator().manual_seed(2)) * scale
+    with pytest.raises(ValueError, match="linkage costs overflow torch.float32 .* rescale the data"):
+        build_hierarchy(cb)
+
+
+def test_half_codebook_with_statistics_beyond_float16():
+    cb = torch.randn(16, 8, generator=torch.Generator().manual_seed(3)).half()
+    with pytest.raises(ValueError, match=r"counts up to 70000 do not fit the codebook's torch.float16 \(at most 65504\)"):
+        ScalableVQ.from_codebook(cb, counts=torch.full((16,), 70000.0), bits=[2, 1])
+    with pytest.raises(RuntimeError, match="float16 buffers cannot hold its tree"):  # each code fits, the root does not
+        ScalableVQ.from_codebook(cb, counts=torch.full((16,), 5000.0), sums=torch.zeros(16, 8), bits=[2, 1])

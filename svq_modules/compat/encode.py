@@ -144,7 +144,8 @@ def encode_layers(
     Array arguments may be torch tensors, NumPy arrays (e.g. scikit-learn's
     ``KMeans().fit(data)``: ``cluster_centers_``, ``labels_``) or nested
     lists; results are torch tensors in the codebook's dtype (float64 stays
-    float64) and on its device.
+    float64; float16 and bfloat16 give float32, the dtype the tree is built
+    in) and on its device.
 
     Args:
         data: ``[N, D]`` vectors (float, or integers such as ``uint8``

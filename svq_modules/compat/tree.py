@@ -69,7 +69,7 @@ def build_layers(
 
     Returns:
         :class:`ClusterTree` ``(layerized_cluster_centers [K + m, D], cluster_tree)``
-        in the codebook's dtype and device, usable with
+        in the codebook's dtype (float32 for float16 / bfloat16) and device, usable with
         :func:`~svq_modules.compat.visualize_layers`.
 
     Raises:

@@ -200,8 +200,11 @@ class ScalableIndex(nn.Module):
                 buf = getattr(self, prefix + name)
                 if buf.shape != value.shape:
                     raise RuntimeError(f"{prefix + name}: built shape {list(value.shape)} != buffer shape {list(buf.shape)}")
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise RuntimeError(f"the built tree has non-finite {prefix + name} (counts or distances beyond "
+                                       f"{value.dtype}): rescale the data or its counts")
                 value = value.to(buf.dtype)
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):  # the built values are finite
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise RuntimeError(
                         f"the quantizer's {buf.dtype} buffers cannot hold its tree ({prefix + name} overflows, e.g. "
                         f"data counts above {torch.finfo(buf.dtype).max:g}); keep the quantizer in float32 "

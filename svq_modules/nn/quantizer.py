@@ -51,6 +51,7 @@ Notes
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import warnings
@@ -77,6 +78,7 @@ from ..validation import (
     check_int,
     check_vectors,
     check_weight,
+    working_dtype,
 )
 from .codebook import EMACodebook
 from .index import ScalableIndex
@@ -196,16 +198,18 @@ def _perplexity(idx: Tensor, num_codes: int) -> Tensor:
 def _wrapped_statistics(
     codebook: Tensor, x: Any, indices: Any, counts: Any, sums: Any, learner: EMACodebook
 ) -> tuple[Tensor, Tensor]:
-    """``counts [K]`` and ``sums [K, D]`` for :meth:`ScalableVQ.from_codebook` (see there), in the codebook's dtype."""
+    """``counts [K]`` and ``sums [K, D]`` for :meth:`ScalableVQ.from_codebook` (see there), in the codebook's
+    :func:`~svq_modules.validation.working_dtype`; ``ValueError`` when they do not fit the codebook's own dtype."""
     k, d = codebook.shape
+    work = dict(device=codebook.device, dtype=working_dtype(codebook.dtype))  # float32 for a half codebook
     if counts is not None:
-        counts = _as_tensor(counts, "counts", "real").to(codebook)
+        counts = _as_tensor(counts, "counts", "real").to(**work)
         if counts.shape != (k,):
             raise ValueError(f"counts must have shape [{k}], got {list(counts.shape)}")
         check_finite(counts, "counts")
         if bool((counts < 0).any()):
             raise ValueError(f"counts must be >= 0, got a minimum of {float(counts.min()):g}")
-        sums = codebook * counts[:, None] if sums is None else _as_tensor(sums, "sums", "real").to(codebook)
+        sums = codebook.to(**work) * counts[:, None] if sums is None else _as_tensor(sums, "sums", "real").to(**work)
     elif sums is not None:
         raise ValueError("sums given without counts: pass counts [K] too")
     elif x is not None:
@@ -218,6 +222,10 @@ def _wrapped_statistics(
         counts, sums = torch.ones_like(codebook[:, 0]), codebook.clone()
     if sums.shape != (k, d):
         raise ValueError(f"sums must have shape [{k}, {d}], got {list(sums.shape)}")
+    for name, t in (("counts", counts), ("sums", sums)):
+        if not bool(torch.isfinite(t.to(codebook.dtype)).all()):
+            raise ValueError(f"{name} up to {float(t.abs().max()):g} do not fit the codebook's {codebook.dtype} (at most "
+                             f"{torch.finfo(codebook.dtype).max:g}): pass the codebook as float32")
     return counts, sums
 
 
@@ -251,8 +259,11 @@ def _decode_items(
     sizes = {len(layer) if isinstance(layer, Sequence) and not isinstance(layer, (bytes, str)) else -1 for layer in strings}
     if len(sizes) != 1 or min(sizes) < 1:
         raise ValueError(f"strings[l] must be lists of bytes, one per item, as many in every layer; got sizes {sorted(sizes)}")
-    if shape is not None and not (isinstance(shape, Sequence) and all(isinstance(n, int) for n in shape)):
-        raise ValueError(f"shape must be the item shape from compress_items (a tuple of ints), got {shape!r}")
+    if shape is not None:
+        try:
+            shape = tuple(operator.index(n) for n in shape)  # ints of any kind: Python, NumPy, a torch.Size
+        except TypeError:
+            raise ValueError(f"shape must be the item shape from compress_items (a tuple of ints), got {shape!r}") from None
     nodes, shapes = [], set()
     for b in range(sizes.pop()):
         out = decompress_layers(hierarchy, tables, [layer[b] for layer in strings], num_layers=num_layers)
