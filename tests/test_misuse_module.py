@@ -485,3 +485,16 @@ def test_half_codebook_with_statistics_beyond_float16():
         ScalableVQ.from_codebook(cb, counts=torch.full((16,), 70000.0), bits=[2, 1])
     with pytest.raises(RuntimeError, match="float16 buffers cannot hold its tree"):  # each code fits, the root does not
         ScalableVQ.from_codebook(cb, counts=torch.full((16,), 5000.0), sums=torch.zeros(16, 8), bits=[2, 1])
+
+
+@pytest.mark.parametrize("field", ["index.layers_members", "index.layers_leaf_symbol", "index.layers_group_start"])
+def test_checkpoint_with_corrupt_tables_is_refused_at_load(field):
+    vq = _built()
+    state = vq.state_dict()
+    state[field] = torch.full_like(state[field], 99)
+    fresh = ScalableVQ(dim=vq.dim, codebook_size=vq.codebook_size, bits=[2, 1])
+    with pytest.raises(RuntimeError, match="layer tables are corrupt"):
+        fresh.load_state_dict(state)
+    fresh.load_state_dict(vq.state_dict())  # the intact state loads, and decodes as the original
+    x = torch.randn(20, vq.dim)
+    assert torch.equal(fresh.reconstruct(fresh.quantize(x), 2), vq.reconstruct(vq.quantize(x), 2))

@@ -271,6 +271,20 @@ class ScalableIndex(nn.Module):
                     f"but this module has bits={self.bits}; construct it with bits={theirs}"
                 )
 
+    def _check_loaded_tables(self) -> None:
+        """One-line RuntimeError when loaded tables do not take every codeword to itself: each codeword's
+        per-layer codes (:func:`~svq_modules.layers.encode_indices`) must decode back to its nodes."""
+        tables = self.tables
+        leaves = torch.arange(tables.num_leaves, device=tables.leaf_node.device)
+        try:
+            nodes = decode_codes(tables, encode_indices(tables, leaves))
+            ok = bool(torch.equal(nodes, tables.leaf_node)) and bool(torch.equal(nodes[-1], leaves))
+        except (IndexError, ValueError, RuntimeError):
+            ok = False
+        if not ok:
+            raise RuntimeError("cannot load ScalableVQ checkpoint: its layer tables are corrupt (the codes of the "
+                               "codewords do not decode back to them)")
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -286,4 +300,6 @@ class ScalableIndex(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._built = self.is_built
+        if self._built:
+            self._check_loaded_tables()
         self.stale_warned = False
