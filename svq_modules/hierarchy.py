@@ -414,6 +414,21 @@ def _check_nested(constraints: Tensor) -> None:
                              f"row {c} label {int(fine[i])} spans row {c - 1} labels {a} and {b}")
 
 
+def _check_cost_range(mu: Tensor, weight: Tensor, linkage: str) -> None:
+    """``ValueError`` unless every linkage cost of a build fits ``mu``'s dtype.
+
+    Every centroid lies in the hull of the centred leaf means ``mu [K, D]`` (norm at most ``R``), so a
+    squared distance, expanded or not, is at most ``4 R^2``, and a Ward cost ``w_a w_b / (w_a + w_b) d^2``
+    at most ``W / 4 * 4 R^2`` (``W``: the total of ``weight [K]``). Past the dtype's range the merges would
+    compare infinities and the tree come out wrong.
+    """
+    r2 = float(mu.double().pow(2).sum(-1).max())
+    bound = r2 * max(4.0, float(weight.double().sum()) if linkage == "ward" else 4.0)
+    if not bound <= torch.finfo(mu.dtype).max:
+        raise ValueError(f"linkage costs overflow {mu.dtype} (codewords or counts too large: the largest cost could "
+                         f"reach {bound:.2g}): rescale the data")
+
+
 def _progress_bar(progress: bool, total: int) -> Any:
     """A tqdm bar over ``total`` merges, or None."""
     if not progress:
@@ -507,6 +522,7 @@ class MergeState:
         weight = torch.ones(num_nodes + 1, dtype=dtype, device=device)
         if linkage == "ward":
             weight[:num_codes] = torch.where(has_data, counts, counts.new_tensor(_EMPTY_WEIGHT))
+        _check_cost_range(mu[:num_codes], weight[:num_codes], linkage)
         alive = torch.zeros(num_nodes + 1, dtype=torch.bool, device=device)
         alive[:num_codes] = True
         block = _DEFAULT_BLOCK_ELEMENTS if block_size is None else check_int(block_size, "block_size", min=1)
@@ -795,9 +811,6 @@ def _mutual_pairs(ids: Tensor, x: Tensor, w: Tensor, ward: bool, max_roots: int)
         take = mutual & (rank < room[:, None])
     stuck = ~take.any(1)
     if bool(stuck.any()):
-        if not bool(torch.isfinite(best[stuck]).any(1).all()):  # no finite cost left to merge by
-            raise ValueError(f"linkage costs overflow {x.dtype} (codewords or counts too large, e.g. beyond "
-                             f"{torch.finfo(x.dtype).max ** 0.5:.1g}): rescale the data")
         take[stuck.nonzero().squeeze(1), best[stuck].argmin(1)] = True
     g, s = take.nonzero(as_tuple=True)
     return g, s, nn[g, s], best[g, s]

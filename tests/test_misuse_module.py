@@ -469,12 +469,14 @@ def test_decay_as_a_numpy_float():
         ScalableVQ(dim=3, codebook_size=16, decay=np.float32(1.0))
 
 
+@pytest.mark.parametrize("num_codes", [16, 600])  # dense merge rounds only / candidate lists first
 @pytest.mark.parametrize("scale", [1e19, 1e20])
-def test_codewords_beyond_float32_linkage_say_rescale(scale):
-    # squared distances of codewords ~1e19 apart pass float32's 3.4e38: no finite merge cost is left
+def test_codewords_beyond_float32_linkage_say_rescale(scale, num_codes):
+    # squared distances of codewords ~1e19 apart pass float32's 3.4e38: the merges would compare infinities
+    # (at K=600 the tree came out silently wrong, at K=16 an IndexError)
     from svq_modules import build_hierarchy
 
-    cb = torch.randn(16, 3, generator=torch.Generator().manual_seed(2)) * scale
+    cb = torch.randn(num_codes, 3, generator=torch.Generator().manual_seed(2)) * scale
     with pytest.raises(ValueError, match="linkage costs overflow torch.float32 .* rescale the data"):
         build_hierarchy(cb)
 
