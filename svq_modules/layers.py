@@ -64,6 +64,7 @@ __all__ = [
     "reconstruct",
     "check_tables",
     "symbol_bits",
+    "group_bits",
     "layer_rates",
     "branch_probabilities",
     "node_log2_prob",
@@ -486,9 +487,13 @@ def symbol_bits(tables: LayerTables) -> Tensor:
     prev = torch.cat(
         [torch.full_like(tables.leaf_node[:1], tables.root), tables.leaf_node[:-1]], dim=0
     )
-    size = tables.group_size.gather(1, prev)
-    bits = torch.ceil(torch.log2(size.clamp_min(1).double())).long()
+    bits = group_bits(tables.group_size.gather(1, prev))
     return torch.where(tables.leaf_symbol >= 0, bits, 0)
+
+
+def group_bits(size: Tensor) -> Tensor:
+    """Raw bits of a symbol drawn from a group of ``size`` nodes: ``ceil(log2 size)``, 0 for 0 or 1; int64, same shape."""
+    return torch.ceil(torch.log2(size.clamp_min(1).double())).long()
 
 
 def branch_probabilities(hierarchy: Hierarchy) -> Tensor:

@@ -32,7 +32,8 @@ from .groups import piece_batches, rank_in_runs, split_pieces
 from .validation import check_int
 
 __all__ = [
-    "CellTable", "OptionScanner", "cell_table", "cell_centroids", "cell_error", "lloyd_within", "joint_lloyd", "seed_within",
+    "CellTable", "OptionScanner", "cell_table", "cell_centroids", "cell_error", "lloyd_within", "joint_lloyd", "point_errors",
+    "seed_within",
 ]
 
 _DEFAULT_BLOCK_ELEMENTS = 1 << 19
@@ -87,11 +88,20 @@ def cell_centroids(points: Tensor, weights: Tensor, cell: Tensor, num_cells: int
     return total / mass.clamp_min(torch.finfo(points.dtype).tiny)[:, None], mass
 
 
-def cell_error(points: Tensor, weights: Tensor, cells: Tensor) -> float:
-    """Weighted squared error of ``points [n, D]`` around their cells' centroids (float64 sum)."""
+def point_errors(points: Tensor, weights: Tensor, cells: Tensor) -> Tensor:
+    """``[n]`` float64: each point's weighted squared distance to its cell's centroid.
+
+    Args:
+        points: ``[n, D]`` float; ``weights``: ``[n]`` float >= 0; ``cells``: ``[n]`` int labels.
+    """
     _, cell = torch.unique(cells, return_inverse=True)
     centers, _ = cell_centroids(points, weights, cell, int(cell.max()) + 1)
-    return float((weights.double() * (points - centers[cell]).pow(2).sum(-1).double()).sum())
+    return weights.double() * (points - centers[cell]).pow(2).sum(-1).double()
+
+
+def cell_error(points: Tensor, weights: Tensor, cells: Tensor) -> float:
+    """Weighted squared error of ``points [n, D]`` around their cells' centroids (float64 sum)."""
+    return float(point_errors(points, weights, cells).sum())
 
 
 class OptionScanner:

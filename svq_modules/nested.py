@@ -31,7 +31,12 @@ constant):
      level alone, for at most 1.5 % more on the base layer); of the two, the one
      whose worse level, as a ratio to the greedy cut's error at that level,
      is lower is kept;
-3. one constrained build (:func:`~svq_modules.hierarchy.build_constrained_hierarchy`)
+3. where the cells would cost more than ``ceil(log2 K) + 2`` raw bits per
+   vector at full depth, the listed layers of at least ``log2 K`` bits are
+   re-cut cell by cell so that heavily used codewords get small groups, until
+   they do not (:func:`~svq_modules.raw_cap.cap_raw_bits`; the layers below
+   ``log2 K`` bits stay as they are);
+4. one constrained build (:func:`~svq_modules.hierarchy.build_constrained_hierarchy`)
    turns the nested labels into a tree: Ward inside the finest cells, then
    inside each coarser cell, so every cell is a subtree, and
    :func:`~svq_modules.layers.build_layers` cuts exactly those cells.
@@ -73,6 +78,7 @@ from torch import Tensor
 from .hierarchy import Hierarchy, build_constrained_hierarchy, build_hierarchy, code_points, ward_clusters
 from .layers import CUTS, LayerTables, build_layers, resolve_bits
 from .lloyd import cell_error, joint_lloyd, lloyd_within, seed_within
+from .raw_cap import cap_raw_bits
 from .refine import build_refined
 from .validation import BitProposal, check_bit_proposal, check_int
 
@@ -188,6 +194,7 @@ def build_nested(
     greedy = build_layers(tree, [*widths, _UNIT_BITS])
     start = [cells if unit is None else cells[unit] for cells in greedy.leaf_node[: len(widths) + 1]]
     labels = nested_cells(centred, weights, start, widths, iters=iters, block_size=block_size)
+    labels = cap_raw_bits(centred, weights, labels, widths)
     built = build_constrained_hierarchy(codebook, counts, sums, torch.stack(labels), **build)
     tables = build_layers(built.hierarchy, widths, node_level=built.node_level, constrained_layers=len(widths))
     return built.hierarchy, tables
