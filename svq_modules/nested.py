@@ -34,8 +34,8 @@ constant):
 3. where the cells would cost more than ``ceil(log2 K) + 2`` raw bits per
    vector at full depth, the listed layers of at least ``log2 K`` bits are
    re-cut cell by cell so that heavily used codewords get small groups, until
-   they do not (:func:`~svq_modules.raw_cap.cap_raw_bits`; the layers below
-   ``log2 K`` bits stay as they are);
+   they do not or all are re-cut (:func:`~svq_modules.raw_cap.cap_raw_bits`;
+   the layers below ``log2 K`` bits stay as they are);
 4. one constrained build (:func:`~svq_modules.hierarchy.build_constrained_hierarchy`)
    turns the nested labels into a tree: Ward inside the finest cells, then
    inside each coarser cell, so every cell is a subtree, and

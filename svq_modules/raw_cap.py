@@ -20,6 +20,12 @@ cell by cell, in the order of the least squared error added at the free
 layers per raw bit saved, until the count-weighted mean cost is within the cap.
 The entropy-coded cost at full depth does not change (it is ``H(indices)``
 whatever the cells).
+
+A cap, not a guarantee: without a free layer (e.g. bits ``[4, 2, 2]`` at
+K=1024), or on a codebook skewed enough that even every cell re-cut is not
+enough (the layers below ``log2 K`` bits are never touched, since their error
+is what the flat bound constrains), the cost stays above it; the cells are
+then re-cut wherever that saves bits.
 """
 
 from __future__ import annotations
@@ -74,14 +80,17 @@ def nested_raw_bits(labels: Sequence[Tensor]) -> Tensor:
 def fewest_bits_split(cells: Tensor, weights: Tensor, bits: int) -> Tensor:
     """Cut every cell into at most ``2**bits`` groups of its codewords, leaving the fewest raw bits.
 
-    The cost of a cut is the count-weighted raw bits of the final layer below
-    it, ``sum over groups of weight(group) * ceil(log2 size(group))``. The
-    codewords of a cell go, heaviest first, into consecutive groups, every
-    group but the last of a power-of-two size (the heaviest get the smallest
-    groups); the best such cut of every cell is found at once by dynamic
-    programming over (groups used, codewords placed), one batched step per
-    group and size: ``min(2**bits, largest cell)`` times ``log2`` of the
-    largest cell steps, none per cell.
+    The cost of a cut of a cell into ``G`` groups is what its vectors spend
+    in this layer and in a final layer below it:
+    ``weight(cell) * ceil(log2 G) + sum over groups of weight(group) * ceil(log2 size(group))``.
+    The codewords of a cell go, heaviest first, into consecutive groups, every
+    group but the last of a power-of-two size; some best cut is always of
+    that form (a group can be filled up to the next power of two from the
+    groups after it at no cost), so the result is exact. All cells are cut at
+    once by dynamic programming over (groups used, codewords placed), cells
+    batched by size (sizes in ``(2**(j-1), 2**j]`` together, so padding at most
+    doubles them): per batch, one step per number of groups and group size,
+    none per cell.
 
     Args:
         cells: ``[K]`` int cell of each codeword.
@@ -89,40 +98,71 @@ def fewest_bits_split(cells: Tensor, weights: Tensor, bits: int) -> Tensor:
         bits: bits of the layer, an int >= 1 (at most ``2**bits`` groups per cell).
 
     Returns:
-        ``[K]`` int64 labels nested in ``cells``: ``cell * 2**bits + group``
-        (cells numbered compactly).
+        ``[K]`` int64 labels nested in ``cells``: ``cell * G + group``, cells
+        numbered compactly, ``G = min(2**bits, largest cell)``.
     """
     bits = check_int(bits, "bits", min=1)
     device = cells.device
     _, cell = torch.unique(cells, return_inverse=True)
     num_cells = int(cell.max()) + 1
-    w = weights.double()
-    order = torch.argsort(-w, stable=True)
+    order = torch.argsort(-weights.double(), stable=True)
     order = order[torch.argsort(cell[order], stable=True)]  # by cell, heaviest first inside
     sorted_cell = cell[order]
     size = torch.bincount(cell, minlength=num_cells)
     pos = torch.arange(cell.numel(), device=device) - (torch.cumsum(size, 0) - size)[sorted_cell]
-    width = int(size.max())
-    prefix = torch.zeros(num_cells, width + 1, dtype=torch.float64, device=device)
-    prefix[sorted_cell, pos + 1] = w[order]
-    prefix = prefix.cumsum(1)  # [C, width + 1] weight of each cell's first i codewords
+    most = min(1 << min(bits, 62), int(size.max()))
+    group = torch.zeros_like(cell)  # of each codeword in sorted order
+    batch = group_bits(size)  # cells of sizes in (2**(j-1), 2**j] share a batch
+    local = torch.full((num_cells,), -1, dtype=torch.long, device=device)
+    for j in torch.unique(batch).tolist():
+        members = torch.nonzero(batch == j).squeeze(1)
+        local[members] = torch.arange(members.numel(), device=device)
+        row = local[sorted_cell]
+        mine = row >= 0
+        table = torch.zeros(members.numel(), int(size[members].max()), dtype=torch.float64, device=device)
+        table[row[mine], pos[mine]] = weights.double()[order][mine]
+        group[mine] = _cut_positions(table, size[members], most)[row[mine], pos[mine]]
+        local[members] = -1
+    out = torch.empty_like(cell)
+    out[order] = sorted_cell * most + group
+    return out
+
+
+def _cut_positions(table: Tensor, size: Tensor, most: int) -> Tensor:
+    """The dynamic programme of :func:`fewest_bits_split` for one batch of cells.
+
+    Args:
+        table: ``[C, W]`` float64 weights of each cell's codewords, heaviest first, 0-padded.
+        size: ``[C]`` int64 codewords per cell.
+        most: groups allowed per cell.
+
+    Returns:
+        ``[C, W]`` int64 group of each position.
+    """
+    device = table.device
+    num_cells, width = table.shape
+    prefix = torch.cat([torch.zeros_like(table[:, :1]), table.cumsum(1)], 1)  # weight of the first i codewords
     placed = torch.arange(width + 1, device=device)
     rest = size[:, None] - placed  # codewords left after the first i
-    rest_cost = (prefix.gather(1, size[:, None]) - prefix) * group_bits(rest).double()
+    rest_cost = (prefix[:, -1:] - prefix) * group_bits(rest).double()
     sizes = [1 << e for e in range(width.bit_length()) if (1 << e) <= width]
     cost = torch.where(placed == 0, 0.0, math.inf).double().expand(num_cells, -1).clone()
     best = torch.full((num_cells,), math.inf, dtype=torch.float64, device=device)
     best_groups = torch.zeros(num_cells, dtype=torch.long, device=device)
     best_placed = torch.zeros(num_cells, dtype=torch.long, device=device)
     steps: list[Tensor] = []  # per group: log2 of the size that reached each position (uint8)
-    for groups in range(min(1 << bits, width)):
-        # close the cut: the rest of the cell in one more group
-        total = torch.where(rest >= 1, cost + rest_cost, math.inf)
+    limit = min(most, width)
+    for groups in range(limit):
+        # close the cut: the rest of the cell in one more group; every vector of the cell
+        # then also pays ceil(log2(groups + 1)) bits for this layer's symbol
+        layer_cost = prefix[:, -1] * float((groups).bit_length())
+        total = torch.where(rest >= 1, cost + rest_cost, math.inf) + layer_cost[:, None]
         low, at = total.min(1)
         better = low < best
-        best, best_groups, best_placed = (torch.where(better, low, best), torch.where(better, groups, best_groups),
-                                          torch.where(better, at, best_placed))
-        if groups + 1 == min(1 << bits, width):
+        best = torch.where(better, low, best)
+        best_groups = torch.where(better, groups, best_groups)
+        best_placed = torch.where(better, at, best_placed)
+        if groups + 1 == limit:
             break
         nxt = torch.full_like(cost, math.inf)
         step = torch.zeros(cost.shape, dtype=torch.uint8, device=device)
@@ -143,10 +183,7 @@ def fewest_bits_split(cells: Tensor, weights: Tensor, bits: int) -> Tensor:
         at = torch.where(active, at - (1 << steps[groups - 1][rows, at].long()), at)
         starts[rows[active], at[active]] = 1
     starts[:, 0] = 0
-    group = starts.cumsum(1)[sorted_cell, pos]
-    out = torch.empty_like(cell)
-    out[order] = sorted_cell * (1 << bits) + group
-    return out
+    return starts.cumsum(1)[:, :width]
 
 
 def cap_raw_bits(points: Tensor, weights: Tensor, labels: list[Tensor], widths: Sequence[int]) -> list[Tensor]:
@@ -161,7 +198,9 @@ def cap_raw_bits(points: Tensor, weights: Tensor, labels: list[Tensor], widths: 
     Returns:
         ``labels`` itself where the cost is within the cap, or where no listed
         layer after the base reaches ``log2 K`` bits (nothing to re-cut); else
-        new labels, the same above the first free layer.
+        new labels, the same above the first free layer: the fewest cells
+        re-cut that bring the cost within the cap, or every cell whose re-cut
+        saves bits where that is not enough.
     """
     num_codes = points.shape[0]
     if float(weights.sum()) <= 0:

@@ -26,20 +26,23 @@ def _partitions(items):
 
 
 def _cost(weights, blocks):
-    return sum(float(weights[b].sum()) * math.ceil(math.log2(len(b))) for b in blocks)
+    """Raw bits of a cell cut into ``blocks``: this layer's symbol, then the final layer inside each block."""
+    layer = sum(float(weights[b].sum()) for b in blocks) * math.ceil(math.log2(len(blocks)))
+    return layer + sum(float(weights[b].sum()) * math.ceil(math.log2(len(b))) for b in blocks)
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("bits", [1, 2, 3])
 def test_fewest_bits_split_is_the_best_partition_of_every_cell(seed, bits):
     g = torch.Generator().manual_seed(seed)
-    sizes = [7, 1, 5, 3, 6]
+    sizes = [7, 1, 5, 3, 6, 2, 4]
     cells = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])[torch.randperm(sum(sizes), generator=g)]
     weights = torch.rand(cells.numel(), generator=g, dtype=torch.float64) ** 3 * 10
+    weights[::5] = 0.0  # codewords without data
     labels = fewest_bits_split(cells, weights, bits)
     for c in range(len(sizes)):
         members = torch.nonzero(cells == c).squeeze(1)
-        assert torch.equal(labels[members] // 2**bits, torch.full_like(members, c))  # nested in the cell
+        assert torch.equal(labels[members] // min(2**bits, 7), torch.full_like(members, c))  # nested in the cell
         groups = [members[labels[members] == v] for v in labels[members].unique()]
         assert len(groups) <= 2**bits
         best = min(_cost(weights, [torch.tensor(b) for b in part])
@@ -110,6 +113,20 @@ def test_default_build_meets_the_cap_where_the_lloyd_cells_miss_it(seed, monkeyp
     for layer in range(2):
         same = torch.unique(torch.stack([tables.leaf_node[layer], tables0.leaf_node[layer]]), dim=1)
         assert same.shape[1] == tables.leaf_node[layer].unique().numel() == tables0.leaf_node[layer].unique().numel()
+
+
+def test_fewest_bits_split_leaves_a_heavy_codeword_alone_without_splitting_the_rest():
+    # one group of 3 would cost the light ones 2 bits; four singletons cost everyone 2 bits in this layer
+    labels = fewest_bits_split(torch.zeros(4, dtype=torch.long), torch.tensor([100.0, 1.0, 1.0, 1.0]), 2)
+    assert labels.unique().numel() == 2 and int((labels == labels[0]).sum()) == 1
+
+
+def test_fewest_bits_split_of_one_big_cell_among_many_small_ones_stays_small():
+    # padding by size batches: a 3000-codeword cell beside 3000 singletons, 8 bits
+    cells = torch.cat([torch.zeros(3000, dtype=torch.long), torch.arange(1, 3001)])
+    weights = torch.cat([torch.rand(3000, generator=torch.Generator().manual_seed(0)), torch.ones(3000)])
+    labels = fewest_bits_split(cells, weights, 8)
+    assert labels[:3000].unique().numel() <= 256 and labels[3000:].unique().numel() == 3000
 
 
 def test_raw_bits_cap_checks_its_argument():
