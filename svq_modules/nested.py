@@ -58,7 +58,16 @@ its flat bound; default: china pixels K=1024 base layer 0.931, splats K=1024
   seed (108x on the 2-core machine of that run);
 * the finer level's weight times 0.5, 2 or 4 in the joint step, and per parent
   the better of the Ward split and a k-means++ split as the finer level's start:
-  splats 1.053-1.058 / 1.071-1.078.
+  splats 1.053-1.058 / 1.071-1.078;
+* the base layer alone as the best of 8 batched weighted k-means++ starts (20
+  Lloyd iterations), when better than the greedy start's: pixels K=1024 0.916-0.928
+  by the random stream, but its 8-bit layer 1.010-1.052, and 0.04-0.1 s more at K=4096;
+* after the layers are built, Lloyd over whole paths (each codeword picks its
+  cells at every listed layer at once, the levels weighted by their inverse
+  errors): changes of at most 0.003 (a local optimum of the nested cells);
+* the starting tree on 2048 or 1024 start units at K=4096 (instead of all the
+  codewords): 12 % / 15 % faster, but the 10-bit layer up to 1.018 (pixels) and
+  1.113 (splats) with 1024, and flower patches 0.74-0.80 -> 0.79-0.84 with 2048.
 
 Without the nesting, weighted k-means of the codewords (scikit-learn
 ``KMeans``, 10 starts) reaches 1.033 / 1.028 on splats at 6 / 8 bits: there
