@@ -107,7 +107,7 @@ def fewest_bits_split(cells: Tensor, weights: Tensor, bits: int) -> Tensor:
     num_cells = int(cell.max()) + 1
     order = torch.argsort(-weights.double(), stable=True)
     order = order[torch.argsort(cell[order], stable=True)]  # by cell, heaviest first inside
-    sorted_cell = cell[order]
+    sorted_cell, sorted_weight = cell[order], weights.double()[order]
     size = torch.bincount(cell, minlength=num_cells)
     pos = torch.arange(cell.numel(), device=device) - (torch.cumsum(size, 0) - size)[sorted_cell]
     most = min(1 << min(bits, 62), int(size.max()))
@@ -120,7 +120,7 @@ def fewest_bits_split(cells: Tensor, weights: Tensor, bits: int) -> Tensor:
         row = local[sorted_cell]
         mine = row >= 0
         table = torch.zeros(members.numel(), int(size[members].max()), dtype=torch.float64, device=device)
-        table[row[mine], pos[mine]] = weights.double()[order][mine]
+        table[row[mine], pos[mine]] = sorted_weight[mine]
         group[mine] = _cut_positions(table, size[members], most)[row[mine], pos[mine]]
         local[members] = -1
     out = torch.empty_like(cell)
@@ -155,7 +155,7 @@ def _cut_positions(table: Tensor, size: Tensor, most: int) -> Tensor:
     for groups in range(limit):
         # close the cut: the rest of the cell in one more group; every vector of the cell
         # then also pays ceil(log2(groups + 1)) bits for this layer's symbol
-        layer_cost = prefix[:, -1] * float((groups).bit_length())
+        layer_cost = prefix[:, -1] * float(groups.bit_length())
         total = torch.where(rest >= 1, cost + rest_cost, math.inf) + layer_cost[:, None]
         low, at = total.min(1)
         better = low < best
@@ -205,12 +205,14 @@ def cap_raw_bits(points: Tensor, weights: Tensor, labels: list[Tensor], widths: 
     num_codes = points.shape[0]
     if float(weights.sum()) <= 0:
         weights = torch.ones_like(weights)
+    cumulative = list(accumulate(widths))
+    free = [layer for layer in range(1, len(labels)) if cumulative[layer] >= math.log2(num_codes)]
+    if not free:  # nothing to re-cut: no need to count the bits (most builds of large K)
+        return labels
     w = weights.double()
     raw = nested_raw_bits(labels)
     excess = float((w * raw).sum()) - raw_bits_cap(num_codes) * float(w.sum())
-    cumulative = list(accumulate(widths))
-    free = [layer for layer in range(1, len(labels)) if cumulative[layer] >= math.log2(num_codes)]
-    if excess <= 0 or not free:
+    if excess <= 0:
         return labels
     alternative = list(labels)
     for layer in free:

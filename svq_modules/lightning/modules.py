@@ -219,9 +219,9 @@ class ScalableVQAutoencoder(_ScalableVQModule):
     images (the left 80 % of china.jpg and flower.jpg): bicubic +4.0 / +5.7 %, bilinear +5.4 /
     +11.6 %, where this model's seed 1 gives +5.6 %; random rescaling of the training crops (each crop
     cut at ``crop_size / f`` and resized to ``crop_size``, ``f`` log-uniform), seeds 0 and 1, BD-rate against
-    seed 0 as landed, mean of the training images / of the held-out ones (grace_hopper and the right 20 %
+    the 64-pixel model's seed 0, mean of the training images / of the held-out ones (grace_hopper and the right 20 %
     strips): ``f`` in [0.5, 1] -1.4 / +1.8 % and +9.2 / +3.7 %, in [1, 2] +10.6 / +5.5 % and +15.4 / +12.5 %,
-    where this model's seed 1 gives +5.6 / +9.1 %.
+    where the 64-pixel model's seed 1 gives +5.6 / +9.1 %.
 
     Training crops of 96 pixels (``configs/data/default_images.yaml``), chosen over 64 (same steps, 1.7x
     the time): seeds 0-3 of each, BD-rate of the image files against the 64-pixel model's seed 0, mean
