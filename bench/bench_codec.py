@@ -17,8 +17,9 @@ unless said otherwise:
   image-file path of ``svq_modules.cli.images`` (file cut after each layer; each layer
   context coded, ``svq_modules.coding.context``; codewords chosen at the image command's
   defaults, ``RATE_WEIGHT`` and ``REPEAT_BITS``); the same files with each layer entropy coded
-  without its neighbours (``compress --coding entropy``); and with every vector's nearest
-  codeword (``compress --rate-weight 0``);
+  without its neighbours (``compress --coding entropy``); with every vector's nearest
+  codeword (``compress --rate-weight 0``); and with the first two layers' errors weighing twice full
+  depth's in the codeword choice (``compress --layer-weights 2,2,0,0,0,1``);
 * flat VQ at 4 / 6 / 8 bits: the same run with ``codebook_size=2**b`` (full depth only), and the
   same trained on the nearest codewords (``model/quantizer=default``); each with the nearest
   codewords and with the image command's rate-weighted choice;
@@ -77,6 +78,9 @@ MODEL_CONFIG = "configs/model/autoencoder.yaml"
 NO_CONTEXT = "ours, entropy coding (no neighbours)"
 #: the same files with every vector's nearest codeword (``compress --rate-weight 0``)
 NEAREST = "ours, nearest codewords (rate weight 0)"
+#: the same files with the coarse layers weighted in the codeword choice (``compress --layer-weights 2,2,0,0,0,1``)
+COARSE_WEIGHT = 2.0
+COARSE = "ours, first two layers weighted 2 (--layer-weights)"
 #: flat VQs trained on the nearest codewords (``model/quantizer=default``) rather than as ours
 PLAIN = "plain training"
 #: JPEG of the image downscaled by each of ``JPEG_SCALES``, decoded and upscaled back: every (scale, quality)
@@ -157,26 +161,35 @@ def downscaled_codec(codec: Callable[[np.ndarray], Points], scales: tuple[int, .
     return run
 
 
-def ours_codec(ckpt: Path, last_only: bool = False, coding: str = "context",
-               rate_weight: float | None = None) -> Callable[[np.ndarray], Points]:
+def ours_codec(ckpt: Path, last_only: bool = False, coding: str = "context", rate_weight: float | None = None,
+               coarse_weight: float | None = None) -> Callable[[np.ndarray], Points]:
     """Every layer of the checkpoint's image file (``svq_modules.cli.images``), the file cut after each layer;
-    codewords chosen at ``rate_weight`` (default: the image command's)."""
+    codewords chosen at ``rate_weight`` (default: the image command's); with ``coarse_weight``, chosen with the
+    layer weights :func:`coarse_layer_weights` (``compress --layer-weights``)."""
     from svq_modules.cli.images import RATE_WEIGHT, compress_pixels, decode_image, load_autoencoder
     from svq_modules.coding import decompress_layers
     from svq_modules.coding.image_file import pack_image_file, unpack_image_file
 
     model = load_autoencoder(ckpt, str(ckpt))
     q = model.quantizer
+    layer_weights = None if coarse_weight is None else coarse_layer_weights(q.num_layers, coarse_weight)
 
     def run(pixels: np.ndarray) -> Points:
         weight = RATE_WEIGHT if rate_weight is None else rate_weight
-        f = unpack_image_file(pack_image_file(*compress_pixels(model, pixels, coding, weight)))
+        f = unpack_image_file(pack_image_file(*compress_pixels(model, pixels, coding, weight,
+                                                               layer_weights=layer_weights)))
         layers = [f.num_layers] if last_only else range(1, f.num_layers + 1)
         return [(int(f.layer_end[n - 1]), decode_image(model, f.header, decompress_layers(q.hierarchy, q.tables,
                                                                                            f.chunks[:n])))
                 for n in layers]
 
     return run
+
+
+def coarse_layer_weights(num_layers: int, coarse: float) -> list[float]:
+    """``compress --layer-weights`` of row :data:`COARSE`: ``coarse`` for each of the first two layers, 1 for full
+    depth, 0 between."""
+    return [coarse if layer < min(2, num_layers - 1) else float(layer == num_layers - 1) for layer in range(num_layers)]
 
 
 @torch.no_grad()
@@ -585,6 +598,7 @@ def main() -> None:
     rows["ours"] = measure(ours_codec(ckpt), images)
     rows[NO_CONTEXT] = measure(ours_codec(ckpt, coding="entropy"), images)
     rows[NEAREST] = measure(ours_codec(ckpt, rate_weight=0.0), images)
+    rows[COARSE] = measure(ours_codec(ckpt, coarse_weight=COARSE_WEIGHT), images)
     notes: list[str] = []
     if not args.ours_only:
         peers(rows, images, steps, "" if args.no_compressai else args.lambdas, notes)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "mean_squared_error", "nearest_codewords", "prefer_neighbours"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "layered_codebook", "mean_squared_error", "nearest_codewords", "prefer_neighbours"]
 
 #: largest ``[rows, K]`` distance block (elements) of one step of the search
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
@@ -67,6 +67,28 @@ def nearest_codewords(
     return idx, (torch.cat([p[1] for p in parts]) if with_gap else None)
 
 
+def layered_codebook(centers: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """One codebook and a per-code bias that stand for a weighted error over several reconstructions of each code.
+
+    With the weights normalised to sum 1, for every ``x``:
+    ``sum_l w_l ||x - centers[l, k]||^2 = ||x - c_k||^2 + bias_k`` where ``c_k = sum_l w_l centers[l, k]`` and
+    ``bias_k = sum_l w_l ||centers[l, k] - c_k||^2`` (the spread of code ``k``'s reconstructions, >= 0). So
+    :func:`nearest_codewords` with ``codebook=c`` and ``bias`` picks the code of least weighted error, e.g. of
+    least error summed over a scalable code's layers (:meth:`~svq_modules.nn.quantizer.ScalableVQ.quantize`).
+
+    Args:
+        centers: ``[L, K, D]`` float, ``centers[l, k]``: reconstruction ``l`` of code ``k``.
+        weights: ``[L]`` float >= 0, not all 0.
+
+    Returns:
+        ``(codebook [K, D], bias [K])`` in the dtype of ``centers``.
+    """
+    w = weights.to(centers) / weights.to(centers).sum()
+    codebook = torch.einsum("l,lkd->kd", w, centers)
+    bias = torch.einsum("l,lk->k", w, (centers - codebook).pow(2).sum(-1))
+    return codebook, bias
+
+
 def mean_squared_error(x: Tensor, codebook: Tensor, indices: Tensor) -> float:
     """Mean over the rows of ``x [N, D]`` of the squared distance to their codewords ``codebook[indices [N]]``,
     summed in float64 (a far row in float16 must not overflow it)."""
@@ -75,13 +97,15 @@ def mean_squared_error(x: Tensor, codebook: Tensor, indices: Tensor) -> float:
     return float((x.reshape(-1, x.shape[-1]).to(dtype) - chosen.to(dtype)).pow(2).sum(-1).double().mean())
 
 
-def prefer_neighbours(x: Tensor, codebook: Tensor, chosen: Tensor, bits: Tensor, lam: float, repeat: float) -> Tensor:
+def prefer_neighbours(
+    x: Tensor, codebook: Tensor, chosen: Tensor, bits: Tensor, lam: float, repeat: float, bias: Tensor | None = None
+) -> Tensor:
     """Codewords on a grid, where repeating the left or upper neighbour's codeword may be cheaper.
 
     A context coder (:mod:`svq_modules.coding.context`) codes a symbol that repeats its left or upper
     neighbour's for less. In its order (by anti-diagonal, so both neighbours are final first), every vector
-    keeps the least of ``||x - c_k||^2 + lam * bits_k`` for its ``chosen`` codeword ``k`` and
-    ``||x - c_n||^2 + lam * repeat * bits_n`` for ``n`` its left or upper neighbour's codeword: ``H + W - 1``
+    keeps the least of ``||x - c_k||^2 + bias_k + lam * bits_k`` for its ``chosen`` codeword ``k`` and
+    ``||x - c_n||^2 + bias_n + lam * repeat * bits_n`` for ``n`` its left or upper neighbour's codeword: ``H + W - 1``
     vectorized rounds, none per vector.
 
     Args:
@@ -91,6 +115,8 @@ def prefer_neighbours(x: Tensor, codebook: Tensor, chosen: Tensor, bits: Tensor,
         bits: ``[K]`` float code length of each codeword.
         lam: weight of a bit, in squared distance (>= 0).
         repeat: share of a repeated codeword's bits that counts, in ``[0, 1]`` (1: no preference).
+        bias: optional ``[K]`` float added to every codeword's error, repeated or not (e.g. the spread of
+            :func:`layered_codebook`).
 
     Returns:
         ``[..., H, W]`` int64 codewords.
@@ -99,6 +125,7 @@ def prefer_neighbours(x: Tensor, codebook: Tensor, chosen: Tensor, bits: Tensor,
     xf = x.reshape(-1, h, w, dim)
     cb = codebook.detach().to(torch.promote_types(x.dtype, torch.float32))
     bits = bits.to(cb)
+    spread = torch.zeros_like(bits) if bias is None else bias.to(cb)
     out = chosen.reshape(-1, h, w).clone()
     rows = torch.arange(h, device=x.device)
     for s in range(h + w - 1):
@@ -106,13 +133,13 @@ def prefer_neighbours(x: Tensor, codebook: Tensor, chosen: Tensor, bits: Tensor,
         j = s - i
         xd = xf[:, i, j].to(cb.dtype)  # [B, n, D]
         best_k = out[:, i, j]
-        best = (xd - cb[best_k]).pow(2).sum(-1) + lam * bits[best_k]
+        best = (xd - cb[best_k]).pow(2).sum(-1) + spread[best_k] + lam * bits[best_k]
         for di, dj in ((0, 1), (1, 0)):  # left, upper
             ok = (i >= di) & (j >= dj)
             if not bool(ok.any()):
                 continue
             nb = out[:, (i - di).clamp_min(0), (j - dj).clamp_min(0)]
-            cost = (xd - cb[nb]).pow(2).sum(-1) + lam * repeat * bits[nb]
+            cost = (xd - cb[nb]).pow(2).sum(-1) + spread[nb] + lam * repeat * bits[nb]
             take = ok & (cost < best)
             best_k, best = torch.where(take, nb, best_k), torch.where(take, cost, best)
         out[:, i, j] = best_k

@@ -19,6 +19,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_weight",
+    "check_layer_weights",
     "check_finite",
     "check_codebook",
     "check_indices",
@@ -74,6 +75,22 @@ def check_weight(value: Any, name: str) -> float:
             0.0 <= float(value) < math.inf):  # fmt: skip
         raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     return float(value)
+
+
+def check_layer_weights(value: Any, num_layers: int, name: str = "layer_weights") -> list[float]:
+    """``value`` as ``num_layers`` Python floats >= 0 (:func:`check_weight` each), not all 0: one weight per layer.
+
+    Raises ``ValueError`` naming the argument, the value and what is allowed.
+    """
+    allowed = f"{num_layers} finite numbers >= 0 (one per layer), not all 0"
+    if isinstance(value, (np.ndarray, Tensor)) and value.ndim == 1:
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != num_layers:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    weights = [check_weight(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if not any(weights):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return weights
 
 
 def check_choice(value: Any, name: str, allowed: Sequence[Any]) -> Any:

@@ -387,3 +387,26 @@ def test_repeat_bits_option(files, capsys, tmp_path):
         err = assert_refused(capsys, tmp_path / "bad.svq", "compress", d / "odd.png", "--model", d / "model.ckpt",
                              "-o", tmp_path / "bad.svq", "--repeat-bits", bad)
         assert "--repeat-bits must be a float in [0, 1]" in err
+
+
+def test_layer_weights_option(files, capsys, tmp_path):
+    """``--layer-weights``: full depth alone is the default choice; weighing the coarse layers gives another file
+    that decodes at every layer; a wrong count or value exits 1 with one line and no file."""
+    d = files
+    full = tmp_path / "full.svq"
+    assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", full,
+                     "--layer-weights", ",".join(["0"] * (LAYERS - 1) + ["1"])) == 0
+    assert (d / "odd.svq").read_bytes() == full.read_bytes()
+    coarse = tmp_path / "coarse.svq"
+    assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", coarse,
+                     "--layer-weights", ",".join(["4"] * (LAYERS - 1) + ["1"])) == 0
+    assert coarse.read_bytes() != full.read_bytes()
+    assert info_json(capsys, coarse)["num_layers"] == LAYERS
+    assert decode(capsys, d, coarse, tmp_path / "coarse.png").shape == pixels(d / "odd.png").shape
+    for bad, message in (("1,2", f"--layer-weights must be {LAYERS} finite numbers >= 0 (one per layer), not all 0"),
+                         (",".join(["0"] * LAYERS), "not all 0"),
+                         ("x" + ",1" * (LAYERS - 1), "--layer-weights[0] must be a finite float >= 0, got 'x'"),
+                         ("1,-1" + ",1" * (LAYERS - 2), "--layer-weights[1] must be a finite float >= 0, got -1.0")):
+        err = assert_refused(capsys, tmp_path / "bad.svq", "compress", d / "odd.png", "--model", d / "model.ckpt",
+                             "-o", tmp_path / "bad.svq", "--layer-weights", bad)
+        assert message in err, err

@@ -14,9 +14,9 @@ import torch
 from mixtures import mixture, train
 
 from svq_modules.cli import main
-from svq_modules.nearest import nearest_codewords, prefer_neighbours
+from svq_modules.nearest import layered_codebook, nearest_codewords, prefer_neighbours
 from svq_modules.nn import ScalableVQ
-from svq_modules.validation import check_weight
+from svq_modules.validation import check_layer_weights, check_weight
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +152,15 @@ def test_compress_rate_weight_option(tmp_path, capsys):
     assert err == "error: --rate-weight must be a finite float >= 0, got -1.0\n" and not bad.exists()
 
 
-def reference_prefer_neighbours(x, codebook, chosen, bits, lam, repeat):
+def reference_prefer_neighbours(x, codebook, chosen, bits, lam, repeat, bias=None):
     """Row by row, left to right (the same dependencies as anti-diagonals): own choice or a neighbour's codeword."""
     out = chosen.clone()
     h, w = chosen.shape
+    bias = torch.zeros(codebook.shape[0], dtype=torch.float64) if bias is None else bias
     for i in range(h):
         for j in range(w):
             def cost(k, share, v=x[i, j]):
-                return float((v - codebook[k]).pow(2).sum()) + lam * share * float(bits[k])
+                return float((v - codebook[k]).pow(2).sum()) + float(bias[k]) + lam * share * float(bits[k])
             best_k, best = int(out[i, j]), cost(int(out[i, j]), 1.0)
             for ni, nj in ((i, j - 1), (i - 1, j)):
                 if ni >= 0 and nj >= 0:
@@ -187,6 +188,86 @@ def test_prefer_neighbours_against_a_sequential_reference(built):
     assert torch.equal(prefer_neighbours(grid, cb, chosen, bits, 0.5, 1.0), chosen)
 
 
+def test_prefer_neighbours_with_a_bias_against_the_reference(built):
+    """The bias (here the spread of a layered codebook) counts in full whether a codeword is repeated or not."""
+    vq, x = built
+    g = torch.Generator().manual_seed(4)
+    grid = x[torch.randperm(x.shape[0], generator=g)[: 7 * 11]].reshape(7, 11, 4).double()
+    weights = [2.0] + [0.0] * (vq.num_layers - 2) + [1.0]
+    cb, spread = vq.index.layered_codebook(weights)
+    bits = vq.index.code_lengths()
+    chosen = vq.quantize(grid.float(), 0.5, layer_weights=weights)
+    out = prefer_neighbours(grid, cb, chosen, bits, 0.5, 0.3, spread)
+    assert torch.equal(out, reference_prefer_neighbours(grid, cb, chosen, bits, 0.5, 0.3, spread))
+    assert not torch.equal(out, prefer_neighbours(grid, cb, chosen, bits, 0.5, 0.3))  # the bias changes choices
+
+
+# ----------------------------------------------------------------- layer weights
+def test_layered_codebook_is_the_weighted_error():
+    """sum_l w_l ||x - c_lk||^2 (weights normalised) = ||x - c_k||^2 + bias_k for every x; bias = spread >= 0."""
+    g = torch.Generator().manual_seed(5)
+    centers = torch.randn(3, 20, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    weights = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    cb, bias = layered_codebook(centers, weights)
+    want = sum(w / 3.0 * (x[:, None] - centers[layer][None]).pow(2).sum(-1) for layer, w in enumerate(weights))
+    torch.testing.assert_close((x[:, None] - cb[None]).pow(2).sum(-1) + bias, want)
+    assert bool((bias >= 0).all()) and bool((bias > 0).any())
+    one, none = layered_codebook(centers, torch.tensor([0.0, 0.0, 5.0], dtype=torch.float64))
+    assert torch.equal(one, centers[2]) and bool((none == 0).all())  # one layer weighed: its centres, no spread
+
+
+def test_layer_weights_pick_the_least_weighted_error_over_the_layers(built):
+    """Against a brute force over every codeword's reconstructions after each layer (``vq.reconstruct``)."""
+    vq, x = built
+    num_codes, num_layers = vq.codebook_size, vq.num_layers
+    recon = torch.stack([vq.reconstruct(torch.arange(num_codes), n) for n in range(1, num_layers + 1)]).double()
+    bits = vq.index.code_lengths()
+    xs = x[:3000].double()
+    err = (xs[None, :, None, :] - recon[:, None]).pow(2).sum(-1)  # [L, N, K]
+    default_weights = [0.0] * (num_layers - 1) + [1.0]
+    for weights in ([2.0, 2.0] + [0.0] * (num_layers - 3) + [1.0], [1.0] * num_layers):
+        w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        for lam in (0.0, 0.5):
+            cost = torch.einsum("l,lnk->nk", w, err) + lam * bits
+            got = vq.quantize(x[:3000], lam, layer_weights=weights)
+            picked = cost.gather(1, got[:, None]).squeeze(1)
+            assert bool((picked <= cost.min(1).values + 1e-5).all())  # the least weighted cost, up to float32
+            default = cost.gather(1, vq.quantize(x[:3000], lam)[:, None]).squeeze(1)
+            assert float(picked.mean()) < float(default.mean())  # a pick the default does not make
+    # full depth alone is the default pick; relative weights as without layer weights
+    assert torch.equal(vq.quantize(x, 0.5, layer_weights=default_weights), vq.quantize(x, 0.5))
+    assert torch.equal(vq.quantize(x, 0.0, layer_weights=default_weights), vq.quantize(x))
+    weights = [2.0, 2.0] + [0.0] * (num_layers - 3) + [1.0]
+    mean_err = float((x - vq.codebook[vq.quantize(x)]).pow(2).sum(1).mean())
+    assert torch.equal(vq.quantize(x, 0.7, relative=True, layer_weights=weights),
+                       vq.quantize(x, 0.7 * mean_err, layer_weights=weights))
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], [0.0, 0.0, 0.0, 0.0], "1,1,1,1", [1.0, -1.0, 0.0, 1.0],
+                                 [math.nan, 0.0, 0.0, 1.0], 3.0])
+def test_bad_layer_weights_are_refused(built, bad):
+    vq, x = built
+    assert vq.num_layers == 4
+    with pytest.raises(ValueError, match=r"^layer_weights"):
+        vq.quantize(x, layer_weights=bad)
+
+
+def test_check_layer_weights():
+    assert check_layer_weights((1, np.float32(0.5), 0), 3, "w") == [1.0, 0.5, 0.0]
+    assert check_layer_weights(torch.tensor([0.0, 2.0]), 2, "w") == [0.0, 2.0]
+    with pytest.raises(ValueError, match=r"^w must be 2 finite numbers >= 0 \(one per layer\), not all 0, got \[0, 0\]$"):
+        check_layer_weights([0, 0], 2, "w")
+    with pytest.raises(ValueError, match=r"^w\[1\] must be a finite float >= 0, got 'x'$"):
+        check_layer_weights([1, "x"], 2, "w")
+
+
+def test_layer_weights_need_update():
+    vq = ScalableVQ(3, 16, bits=[2, 2])
+    with pytest.raises(RuntimeError, match="update"):
+        vq.quantize(torch.randn(8, 3), layer_weights=[1.0, 1.0, 1.0])
+
+
 def test_repeat_bits_option(tmp_path, capsys):
     """Images only, a share in [0, 1]: refused in one line otherwise, and for arrays."""
     x, _ = mixture(3, n=500, k=6, d=3)
@@ -195,6 +276,10 @@ def test_repeat_bits_option(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "x.npy"), "-o", str(out), "--repeat-bits", "0.5"]) == 1
     err = capsys.readouterr().err
     assert err == "error: --repeat-bits: an option for images (it needs the latents' grid); drop it for arrays\n"
+    assert not out.exists()
+    assert main(["compress", str(tmp_path / "x.npy"), "-o", str(out), "--layer-weights", "1,1,1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --layer-weights: an option for images") and err.count("\n") == 1
     assert not out.exists()
 
 

@@ -109,6 +109,8 @@ def compress_array(args: argparse.Namespace) -> int:
     rate_weight = rate_weight_option(args, 0.0)
     if args.repeat_bits is not None:
         raise CLIError("--repeat-bits: an option for images (it needs the latents' grid); drop it for arrays")
+    if args.layer_weights is not None:
+        raise CLIError("--layer-weights: an option for images; for arrays use ScalableVQ.quantize(x, layer_weights=...)")
     opts = _fit_options(args)
     if not args.model:
         check_fit_options(opts)  # values; K against N once the data is read

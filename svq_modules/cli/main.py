@@ -64,6 +64,18 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see {self.prog} --help)")
 
 
+def _numbers(text: str) -> list[float | str]:
+    """``"2,2,0,1"`` -> ``[2.0, 2.0, 0.0, 1.0]``; pieces that are not numbers stay strings, for the check to name them."""
+    out: list[float | str] = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        try:
+            out.append(float(piece))
+        except ValueError:
+            out.append(piece)
+    return out
+
+
 def _bits(text: str) -> list[int | str]:
     """``"4,2,2"`` -> ``[4, 2, 2]``; pieces that are not ints stay strings, for check_bit_proposal to name them."""
     out: list[int | str] = []
@@ -99,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeat-bits", type=float, metavar="F",
                    help="images: a codeword that repeats its left or upper neighbour's counts F of its bits in that "
                         "choice (in [0, 1]; default 0.4; 1: no preference)")
+    c.add_argument("--layer-weights", type=_numbers, metavar="W0,W1,...",
+                   help="images: in that choice, a codeword's error is its error after each layer weighted by these "
+                        "(one per layer of the model, the last: full depth; default: full depth only; e.g. "
+                        "2,2,0,0,0,1 favours the first two layers over the later ones)")
     t = c.add_argument_group("training (not with --model)")
     t.add_argument("--codebook-size", type=int, help="K, number of codewords, at most N (default 1024)")
     t.add_argument("--bits", type=_bits, help="bits per layer, base first (default 4,2,2,2,2)")

@@ -11,6 +11,7 @@ CompressAI's entropy models, it is the model both ends of a stream must share.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,8 +29,9 @@ from ..layers import (
     node_log2_prob,
     reconstruct,
 )
+from ..nearest import layered_codebook
 from ..nested import build_scalable
-from ..validation import BitProposal, check_bit_proposal, check_bool, check_choice, check_int
+from ..validation import BitProposal, check_bit_proposal, check_bool, check_choice, check_int, check_layer_weights
 
 __all__ = ["ScalableIndex", "TREE_FIELDS", "LAYER_FIELDS"]
 
@@ -225,6 +227,17 @@ class ScalableIndex(nn.Module):
     def layer_centers(self, num_layers: int) -> Tensor:
         """``[K, D]`` reconstruction of every codeword after ``num_layers`` (1..L) layers."""
         return self.tree_center[self.layers_leaf_node[num_layers - 1]]
+
+    @torch.no_grad()
+    def layered_codebook(self, layer_weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+        """``(codebook [K, D], bias [K])`` float64: ``||x - codebook_k||^2 + bias_k = sum_l w_l ||x - c_{l,k}||^2``, codeword
+        ``k``'s error after each layer (``c_{l,k}``: :meth:`layer_centers` of ``l + 1`` layers; ``l = L - 1``: the codeword)
+        weighted by ``layer_weights`` (``L`` numbers >= 0, not all 0, normalised to sum 1;
+        :func:`~svq_modules.nearest.layered_codebook`). Needs a build."""
+        weights = check_layer_weights(layer_weights, self.num_layers)
+        self.require_built()
+        centers = torch.stack([self.layer_centers(n) for n in range(1, self.num_layers + 1)]).double()
+        return layered_codebook(centers, torch.tensor(weights, dtype=torch.float64, device=centers.device))
 
     def encode(self, indices: Tensor) -> Tensor:
         """``[L, N]`` int64 per-layer symbols (-1 = nothing sent) of codeword ``indices [N]``."""

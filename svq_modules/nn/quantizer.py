@@ -187,6 +187,21 @@ def _compute_dtype(x: Tensor, codebook: Tensor) -> torch.dtype:
     return torch.promote_types(xd, codebook.dtype if codebook.dtype in full else torch.float32)
 
 
+def _choice_penalty(rate_weight: float, bits: Any, spread: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``[K]`` penalty of each code in a codeword choice, in ``dtype``: ``rate_weight`` x ``bits()`` (its code lengths,
+    asked only when the weight is > 0) plus the ``spread`` of a layered choice; one line when it overflows ``dtype``."""
+    bias = rate_weight * bits() if rate_weight > 0 else 0.0
+    bias = (bias if spread is None else bias + spread).to(dtype)
+    if not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"rate_weight={rate_weight!r} is too large: its penalties overflow {dtype} distances")
+    return bias
+
+
+def _cast_like(t: Tensor | None, like: Tensor) -> Tensor | None:
+    """``t`` on ``like``'s device and in its dtype (None stays None)."""
+    return None if t is None else t.to(like.device, like.dtype)
+
+
 def _perplexity(idx: Tensor, num_codes: int) -> Tensor:
     """0-d float32 ``exp(entropy)`` of the code usage in ``idx``."""
     counts = torch.zeros(num_codes, dtype=torch.float32, device=idx.device)
@@ -408,29 +423,30 @@ class ScalableVQ(nn.Module):
 
     # ------------------------------------------------------------- quantizing
     @torch.no_grad()
-    def quantize(self, x: Tensor, rate_weight: float = 0.0, *, relative: bool = False) -> Tensor:
+    def quantize(self, x: Tensor, rate_weight: float = 0.0, *, relative: bool = False,
+                 layer_weights: Sequence[float] | None = None) -> Tensor:
         """``[*batch]`` int64 codeword of every vector of ``x`` (``[..., D]``, or ``[B, D, ...]`` when channel-first): the
         nearest, or with ``rate_weight`` ``lam > 0`` the least ``||x - c_k||^2 + lam * bits_k`` (``bits_k``: its full-depth
         code length, ``vq.index.code_lengths()``; needs :meth:`update`), an entropy-constrained choice the decoder follows
-        unaware. ``relative``: ``lam`` is ``rate_weight`` x the mean squared distance of ``x``'s vectors to their nearest."""
+        unaware. ``relative``: ``lam`` is ``rate_weight`` x the mean squared distance of ``x``'s vectors to their nearest.
+        ``layer_weights`` (``L`` numbers >= 0; needs :meth:`update`): the error after each layer, weighted, instead of at
+        full depth only (:meth:`ScalableIndex.layered_codebook`)."""
         _check_input(x, self.dim, self.channel_first)
         rate_weight, relative = check_weight(rate_weight, "rate_weight"), check_bool(relative, "relative")
-        if rate_weight == 0 or x.numel() == 0:  # no vectors: nothing to weigh (and no mean distance)
+        codebook, spread = (None, None) if layer_weights is None else self.index.layered_codebook(layer_weights)
+        if (rate_weight == 0 and codebook is None) or x.numel() == 0:  # no vectors: nothing to weigh
             return self._quantize(x)
-        bits, dtype = self.index.code_lengths(), _compute_dtype(x, self.codebook)
         self._warn_if_stale()
-        if relative:
+        if relative and rate_weight > 0:
             rate_weight *= mean_squared_error(self._flatten(x)[0], self.codebook, self._quantize(x))
-        bias = (rate_weight * bits).to(dtype)
-        if not bool(torch.isfinite(bias).all()):
-            raise ValueError(f"rate_weight={rate_weight!r} is too large: its penalties overflow {dtype} distances")
-        return self._quantize(x, bias)
+        bias = _choice_penalty(rate_weight, self.index.code_lengths, spread, _compute_dtype(x, self.codebook))
+        return self._quantize(x, bias, codebook)
 
-    def _quantize(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def _quantize(self, x: Tensor, bias: Tensor | None = None, codebook: Tensor | None = None) -> Tensor:
         flat, batch = self._flatten(x)
-        dtype = _compute_dtype(x, self.codebook)
+        flat = flat.to(_compute_dtype(x, self.codebook))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            idx, _ = self.learner.nearest(flat.to(dtype), bias=None if bias is None else bias.to(flat.device, dtype))
+            idx, _ = self.learner.nearest(flat, _cast_like(codebook, flat), bias=_cast_like(bias, flat))
         return idx.reshape(batch)
 
     def forward(self, x: Tensor, num_layers: int | None = None) -> VQOutput:
