@@ -83,7 +83,11 @@ def layered_codebook(centers: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(codebook [K, D], bias [K])`` in the dtype of ``centers``.
     """
-    w = weights.to(centers) / weights.to(centers).sum()
+    w = weights.double()
+    if not bool((w >= 0).all()) or not float(w.sum()) > 0:
+        raise ValueError(f"weights must be >= 0 and not all 0, got {w.tolist()}")
+    w = w / w.max()  # first: a sum of huge finite weights must not overflow
+    w = (w / w.sum()).to(centers)
     codebook = torch.einsum("l,lkd->kd", w, centers)
     bias = torch.einsum("l,lk->k", w, (centers - codebook).pow(2).sum(-1))
     return codebook, bias

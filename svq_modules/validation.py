@@ -83,7 +83,9 @@ def check_layer_weights(value: Any, num_layers: int, name: str = "layer_weights"
     Raises ``ValueError`` naming the argument, the value and what is allowed.
     """
     allowed = f"{num_layers} finite numbers >= 0 (one per layer), not all 0"
-    if isinstance(value, (np.ndarray, Tensor)) and value.ndim == 1:
+    if isinstance(value, (np.ndarray, Tensor)):
+        if value.ndim != 1:
+            raise ValueError(f"{name} must be {allowed}, got a {type(value).__name__} of shape {list(value.shape)}")
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != num_layers:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")

@@ -390,8 +390,8 @@ def test_repeat_bits_option(files, capsys, tmp_path):
 
 
 def test_layer_weights_option(files, capsys, tmp_path):
-    """``--layer-weights``: full depth alone is the default choice; weighing the coarse layers gives another file
-    that decodes at every layer; a wrong count or value exits 1 with one line and no file."""
+    """``--layer-weights``: full depth alone is the default choice; weighing the coarse layers gives another file,
+    which decodes; a wrong count or value exits 1 with one line and no file."""
     d = files
     full = tmp_path / "full.svq"
     assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", full,

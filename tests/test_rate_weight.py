@@ -262,6 +262,40 @@ def test_check_layer_weights():
         check_layer_weights([1, "x"], 2, "w")
 
 
+def test_relative_weight_of_vectors_on_their_codewords(built):
+    """A mean nearest error of 0 makes the relative weight 0: the nearest codewords, with or without layer weights."""
+    vq, _ = built
+    on = vq.codebook.clone()
+    nearest = vq.quantize(on)
+    assert torch.equal(vq.quantize(on, 0.5, relative=True), nearest)
+    weights = [0.0] * (vq.num_layers - 1) + [1.0]
+    assert torch.equal(vq.quantize(on, 0.5, relative=True, layer_weights=weights), nearest)
+
+
+def test_huge_layer_weights_are_their_ratios(built):
+    vq, x = built
+    small = [1.0, 1.0] + [0.0] * (vq.num_layers - 3) + [1.0]
+    huge = [1e308 * w for w in small]  # each finite, their sum is not
+    assert torch.equal(vq.quantize(x, 0.5, layer_weights=huge), vq.quantize(x, 0.5, layer_weights=small))
+    with pytest.raises(ValueError, match="not all 0"):
+        layered_codebook(torch.zeros(2, 3, 1), torch.zeros(2))
+
+
+def test_layer_weights_errors_are_one_line(built):
+    vq, x = built
+    with pytest.raises(ValueError) as err:
+        vq.quantize(x, layer_weights=torch.ones(2, vq.num_layers))
+    assert "\n" not in str(err.value) and f"got a Tensor of shape [2, {vq.num_layers}]" in str(err.value)
+    far = ScalableVQ(2, 4, bits=[1, 1])
+    far.train()
+    far(torch.randn(64, 2))
+    far.eval()
+    far.update()
+    far.index.tree_center.mul_(1e20)  # reconstructions beyond float32 squared distances (a build refuses such data)
+    with pytest.raises(ValueError, match=r"^layer_weights: the layers' reconstructions lie too far apart"):
+        far.quantize(torch.zeros(3, 2), layer_weights=[1.0, 0.0, 1.0])
+
+
 def test_layer_weights_need_update():
     vq = ScalableVQ(3, 16, bits=[2, 2])
     with pytest.raises(RuntimeError, match="update"):

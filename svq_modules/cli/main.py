@@ -44,7 +44,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..coding import CODINGS
 from .commands import cmd_compress, cmd_decompress, cmd_info
@@ -64,28 +64,26 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see {self.prog} --help)")
 
 
-def _numbers(text: str) -> list[float | str]:
-    """``"2,2,0,1"`` -> ``[2.0, 2.0, 0.0, 1.0]``; pieces that are not numbers stay strings, for the check to name them."""
-    out: list[float | str] = []
+def _comma_list(text: str, kind: type) -> list[Any]:
+    """``"4,2,2"`` -> ``[kind("4"), ...]``; pieces that ``kind`` cannot read stay strings, for the check to name them."""
+    out: list[Any] = []
     for piece in text.split(","):
         piece = piece.strip()
         try:
-            out.append(float(piece))
+            out.append(kind(piece))
         except ValueError:
             out.append(piece)
     return out
 
 
 def _bits(text: str) -> list[int | str]:
-    """``"4,2,2"`` -> ``[4, 2, 2]``; pieces that are not ints stay strings, for check_bit_proposal to name them."""
-    out: list[int | str] = []
-    for piece in text.split(","):
-        piece = piece.strip()
-        try:
-            out.append(int(piece))
-        except ValueError:
-            out.append(piece)
-    return out
+    """``"4,2,2"`` -> ``[4, 2, 2]`` (:func:`_comma_list` of ints, for check_bit_proposal)."""
+    return _comma_list(text, int)
+
+
+def _numbers(text: str) -> list[float | str]:
+    """``"2,2,0,1"`` -> ``[2.0, 2.0, 0.0, 1.0]`` (:func:`_comma_list` of floats, for check_layer_weights)."""
+    return _comma_list(text, float)
 
 
 def build_parser() -> argparse.ArgumentParser:

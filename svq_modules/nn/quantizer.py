@@ -189,8 +189,11 @@ def _compute_dtype(x: Tensor, codebook: Tensor) -> torch.dtype:
 
 def _choice_penalty(rate_weight: float, bits: Any, spread: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``[K]`` penalty of each code in a codeword choice, in ``dtype``: ``rate_weight`` x ``bits()`` (its code lengths,
-    asked only when the weight is > 0) plus the ``spread`` of a layered choice; one line when it overflows ``dtype``."""
-    bias = rate_weight * bits() if rate_weight > 0 else 0.0
+    not asked for a layered choice of weight 0) plus the ``spread`` of a layered choice; one line when it overflows."""
+    if spread is not None and not bool(torch.isfinite(spread.to(dtype)).all()):
+        raise ValueError(f"layer_weights: the layers' reconstructions lie too far apart for {dtype} distances; "
+                         f"rescale the data")
+    bias = rate_weight * bits() if rate_weight > 0 or spread is None else torch.zeros_like(spread)
     bias = (bias if spread is None else bias + spread).to(dtype)
     if not bool(torch.isfinite(bias).all()):
         raise ValueError(f"rate_weight={rate_weight!r} is too large: its penalties overflow {dtype} distances")
