@@ -18,11 +18,12 @@ unless said otherwise:
   context coded, ``svq_modules.coding.context``; codewords chosen at the image command's
   defaults, ``RATE_WEIGHT`` and ``REPEAT_BITS``); the same files with each layer entropy coded
   without its neighbours (``compress --coding entropy``); with every vector's nearest
-  codeword (``compress --rate-weight 0``); and with the first two layers' errors weighing twice full
-  depth's in the codeword choice (``compress --layer-weights 2,2,0,0,0,1``);
+  codeword (``compress --rate-weight 0 --layer-weights 0,...,0,1``); and with the codewords chosen by
+  their error at full depth alone (``--layer-weights 0,...,0,1``, the choice before 2026-12-08);
 * flat VQ at 4 / 6 / 8 bits: the same run with ``codebook_size=2**b`` (full depth only), and the
   same trained on the nearest codewords (``model/quantizer=default``); each with the nearest
-  codewords and with the image command's rate-weighted choice;
+  codewords and with the image command's rate-weighted choice, both by the error at full depth (the only
+  layer measured);
 * ResidualVQ (vector-quantize-pytorch, 16 codes x 3 stages, ``quantize_dropout=True``)
   in the same autoencoder, same data, batch and steps; its rate is the ideal code
   length of each stage's indices under probabilities counted on training crops, given the
@@ -77,10 +78,9 @@ MODEL_CONFIG = "configs/model/autoencoder.yaml"
 #: the same files with each layer coded without its neighbours (the context coding's gain)
 NO_CONTEXT = "ours, entropy coding (no neighbours)"
 #: the same files with every vector's nearest codeword (``compress --rate-weight 0``)
-NEAREST = "ours, nearest codewords (rate weight 0)"
-#: the same files with the coarse layers weighted in the codeword choice (``compress --layer-weights 2,2,0,0,0,1``)
-COARSE_WEIGHT = 2.0
-COARSE = "ours, first two layers weighted 2 (--layer-weights)"
+NEAREST = "ours, nearest codewords (rate weight 0, full-depth error only)"
+#: the same image with the codewords chosen by their error at full depth alone (``--layer-weights 0,...,0,1``)
+FULL_DEPTH = "ours, full-depth error only (--layer-weights 0,...,0,1)"
 #: flat VQs trained on the nearest codewords (``model/quantizer=default``) rather than as ours
 PLAIN = "plain training"
 #: JPEG of the image downscaled by each of ``JPEG_SCALES``, decoded and upscaled back: every (scale, quality)
@@ -162,17 +162,17 @@ def downscaled_codec(codec: Callable[[np.ndarray], Points], scales: tuple[int, .
 
 
 def ours_codec(ckpt: Path, last_only: bool = False, coding: str = "context", rate_weight: float | None = None,
-               coarse_weight: float | None = None) -> Callable[[np.ndarray], Points]:
+               full_depth: bool = False) -> Callable[[np.ndarray], Points]:
     """Every layer of the checkpoint's image file (``svq_modules.cli.images``), the file cut after each layer;
-    codewords chosen at ``rate_weight`` (default: the image command's); with ``coarse_weight``, chosen with the
-    layer weights :func:`coarse_layer_weights` (``compress --layer-weights``)."""
+    codewords chosen at ``rate_weight`` (default: the image command's) and the image command's layer weights,
+    or with ``full_depth`` by their error at full depth alone (``compress --layer-weights 0,...,0,1``)."""
     from svq_modules.cli.images import RATE_WEIGHT, compress_pixels, decode_image, load_autoencoder
     from svq_modules.coding import decompress_layers
     from svq_modules.coding.image_file import pack_image_file, unpack_image_file
 
     model = load_autoencoder(ckpt, str(ckpt))
     q = model.quantizer
-    layer_weights = None if coarse_weight is None else coarse_layer_weights(q.num_layers, coarse_weight)
+    layer_weights = [0.0] * (q.num_layers - 1) + [1.0] if full_depth else None
 
     def run(pixels: np.ndarray) -> Points:
         weight = RATE_WEIGHT if rate_weight is None else rate_weight
@@ -184,12 +184,6 @@ def ours_codec(ckpt: Path, last_only: bool = False, coding: str = "context", rat
                 for n in layers]
 
     return run
-
-
-def coarse_layer_weights(num_layers: int, coarse: float) -> list[float]:
-    """``compress --layer-weights`` of row :data:`COARSE`: ``coarse`` for each of the first two layers, 1 for full
-    depth, 0 between."""
-    return [coarse if layer < min(2, num_layers - 1) else float(layer == num_layers - 1) for layer in range(num_layers)]
 
 
 @torch.no_grad()
@@ -597,8 +591,8 @@ def main() -> None:
     rows: dict[str, dict[str, np.ndarray]] = {}
     rows["ours"] = measure(ours_codec(ckpt), images)
     rows[NO_CONTEXT] = measure(ours_codec(ckpt, coding="entropy"), images)
-    rows[NEAREST] = measure(ours_codec(ckpt, rate_weight=0.0), images)
-    rows[COARSE] = measure(ours_codec(ckpt, coarse_weight=COARSE_WEIGHT), images)
+    rows[NEAREST] = measure(ours_codec(ckpt, rate_weight=0.0, full_depth=True), images)
+    rows[FULL_DEPTH] = measure(ours_codec(ckpt, full_depth=True), images)
     notes: list[str] = []
     if not args.ours_only:
         peers(rows, images, steps, "" if args.no_compressai else args.lambdas, notes)
@@ -617,7 +611,8 @@ def peers(rows: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
         # choice (which moves a flat VQ's single point down its own curve, to a rate ours may not reach)
         for peer, label in ((f"flat{b}", f"flat VQ {b} bits"), (f"plainflat{b}", f"flat VQ {b} bits, {PLAIN}")):
             ckpt = train_peer(peer, steps)
-            points = [measure(ours_codec(ckpt, last_only=True, rate_weight=w), images) for w in (0.0, None)]
+            points = [measure(ours_codec(ckpt, last_only=True, rate_weight=w, full_depth=True), images)
+                      for w in (0.0, None)]
             rows[label] = {n: np.concatenate([p[n] for p in points]) for n in images}
     rows["ResidualVQ 16x3, dropout"] = measure(rvq_codec(train_rvq(steps)), images)
     if not lambdas:

@@ -372,13 +372,16 @@ def test_rate_weight_option(files, capsys, tmp_path):
 
 
 def test_repeat_bits_option(files, capsys, tmp_path):
-    """``--repeat-bits``: a smaller share gives a smaller file that still decodes; outside [0, 1] is refused."""
+    """``--repeat-bits``: a smaller share gives a smaller file that still decodes; outside [0, 1] is refused.
+    With fixed layer weights (full depth alone): the default's check of every layer may switch weights between
+    shares."""
     d = files
     sizes = {}
+    full_depth = ",".join(["0"] * (LAYERS - 1) + ["1"])
     for share in ("1", "0.4", "0"):
         out = tmp_path / f"r{share}.svq"
         assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", out, "--rate-weight", "1",
-                         "--repeat-bits", share) == 0
+                         "--repeat-bits", share, "--layer-weights", full_depth) == 0
         sizes[share] = out.stat().st_size
         decoded = decode(capsys, d, out, tmp_path / f"r{share}.png")
         assert decoded.shape == pixels(d / "odd.png").shape
@@ -390,19 +393,30 @@ def test_repeat_bits_option(files, capsys, tmp_path):
 
 
 def test_layer_weights_option(files, capsys, tmp_path):
-    """``--layer-weights``: full depth alone is the default choice; weighing the coarse layers gives another file,
-    which decodes; a wrong count or value exits 1 with one line and no file."""
+    """``--layer-weights``: by default :func:`default_layer_weights`, kept only where every layer then decodes about
+    as well as the one before or better (else full depth alone); a wrong count or value exits 1 with one line, no
+    file."""
+    from svq_modules.cli.images import COARSE_WEIGHT, LAYER_SLACK, default_layer_weights
+
     d = files
-    full = tmp_path / "full.svq"
-    assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", full,
-                     "--layer-weights", ",".join(["0"] * (LAYERS - 1) + ["1"])) == 0
-    assert (d / "odd.svq").read_bytes() == full.read_bytes()
-    coarse = tmp_path / "coarse.svq"
-    assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", coarse,
-                     "--layer-weights", ",".join(["4"] * (LAYERS - 1) + ["1"])) == 0
-    assert coarse.read_bytes() != full.read_bytes()
-    assert info_json(capsys, coarse)["num_layers"] == LAYERS
-    assert decode(capsys, d, coarse, tmp_path / "coarse.png").shape == pixels(d / "odd.png").shape
+    weights = default_layer_weights(LAYERS)
+    assert weights == [COARSE_WEIGHT] * min(2, LAYERS - 1) + [0.0] * (LAYERS - 3) + [1.0]
+    kept = []
+    for name, default in (("odd.png", d / "odd.svq"), ("gray.jpg", d / "gray.svq")):
+        files_by = {}
+        for tag, w in (("layered", weights), ("full", [0.0] * (LAYERS - 1) + [1.0])):
+            out = tmp_path / f"{name}.{tag}.svq"
+            assert run_quiet("compress", d / name, "--model", d / "model.ckpt", "-o", out,
+                             "--layer-weights", ",".join(map(str, w))) == 0
+            files_by[tag] = out
+        original = pixels(d / name).astype(np.float64)
+        errors = [float(((decode(capsys, d, files_by["layered"], tmp_path / f"{name}.{n}.png", "--layers", n)
+                          .astype(np.float64) - original) ** 2).mean()) for n in range(1, LAYERS + 1)]
+        monotone = all(b <= a * (1 + LAYER_SLACK) for a, b in zip(errors, errors[1:]))
+        assert default.read_bytes() == files_by["layered" if monotone else "full"].read_bytes()
+        kept.append(monotone)
+        assert files_by["layered"].read_bytes() != files_by["full"].read_bytes()
+    assert kept == [True, False]  # this small model: both branches (the gray image's last layer would drop)
     for bad, message in (("1,2", f"--layer-weights must be {LAYERS} finite numbers >= 0 (one per layer), not all 0"),
                          (",".join(["0"] * LAYERS), "not all 0"),
                          ("x" + ",1" * (LAYERS - 1), "--layer-weights[0] must be a finite float >= 0, got 'x'"),
@@ -410,3 +424,12 @@ def test_layer_weights_option(files, capsys, tmp_path):
         err = assert_refused(capsys, tmp_path / "bad.svq", "compress", d / "odd.png", "--model", d / "model.ckpt",
                              "-o", tmp_path / "bad.svq", "--layer-weights", bad)
         assert message in err, err
+
+
+def test_default_layer_weights_rule():
+    from svq_modules.cli.images import default_layer_weights
+
+    assert default_layer_weights(1) == [1.0]
+    assert len(default_layer_weights(2)) == 2 and default_layer_weights(2)[1] == 1.0
+    six = default_layer_weights(6)
+    assert six[2:] == [0.0, 0.0, 0.0, 1.0] and six[0] == six[1] > 0
