@@ -59,8 +59,8 @@ __all__ = [
     "compress_pixels",
     "decode_image",
     "decompress_image",
-    "encode_image",
     "default_layer_weights",
+    "encode_image",
     "image_file_info",
     "info_image",
     "is_image_path",
@@ -96,8 +96,9 @@ RATE_WEIGHT = 1.0
 REPEAT_BITS = 0.4
 #: ``compress`` of an image, by default: in that choice the errors after the first two layers each weigh this
 #: much against the error at full depth (:func:`default_layer_weights`), unless a layer of the image then decodes
-#: below the layer before it (PSNR, up to ``LAYER_SLACK``), when full depth alone counts (the choice before
-#: 2026-12-08). Measured with
+#: worse than the layer before it (its MSE more than ``1 + LAYER_SLACK`` times that layer's), when full depth alone
+#: counts (the choice before 2026-12-08) if its worst step is smaller. The check decodes every layer (and again on a
+#: fallback): ``compress`` of grace_hopper takes 0.6 s instead of 0.2 s. Measured with
 #: the default run's checkpoints, seeds 0-3, weights 2,2,0,0,0,1 against full depth alone, BD-rate of the image
 #: files: training images (the left 80 % of china.jpg and flower.jpg) -4.4 to -13.3 % (mean -7.8 to -9.4 % per
 #: seed), held out (grace_hopper, the right 20 % strips) -3.9 to -15.2 %; on grace_hopper against JPEG at any
@@ -241,9 +242,10 @@ def encode_image(model: Any, pixels: np.ndarray, rate_weight: float = RATE_WEIGH
     ``layer_weights`` (:meth:`ScalableVQ.quantize`), a codeword that repeats the left or upper neighbour's counting
     ``repeat_bits`` of its bits (:func:`~svq_modules.nearest.prefer_neighbours`; 1: no preference).
 
-    ``layer_weights=None``: :func:`default_layer_weights`, kept only if every layer of the image then decodes
-    about as well as the layer before it or better (mean squared error of the output pixels at most
-    ``1 + LAYER_SLACK`` times the previous layer's); else full depth alone."""
+    ``layer_weights=None``: :func:`default_layer_weights`, kept if every layer of the image then decodes within
+    ``LAYER_SLACK`` of the layer before it or better (mean squared error of the output pixels at most ``1 +
+    LAYER_SLACK`` times the previous layer's); else full depth alone, unless its worst step between two layers
+    is no smaller. Given explicitly, the weights are used unchecked."""
     height, width, channels = pixels.shape
     p, model_channels = int(model.hparams.patch_size), int(model.hparams.in_channels)
     grid = (-(-height // p), -(-width // p))
@@ -269,11 +271,22 @@ def encode_image(model: Any, pixels: np.ndarray, rate_weight: float = RATE_WEIGH
     if layer_weights is not None:
         return header, choose(layer_weights)
     indices = choose(default_layer_weights(q.num_layers))
-    errors = [float((latents_to_pixels(model, header, q.index.layer_centers(n)[indices]).float()
-                     - torch.from_numpy(pixels).float()).pow(2).mean()) for n in range(1, q.num_layers + 1)]
-    if any(later > earlier * (1.0 + LAYER_SLACK) for earlier, later in zip(errors, errors[1:])):
-        indices = choose(None)
+    worst = _worst_step(model, header, pixels, indices)
+    if worst > 1.0 + LAYER_SLACK:
+        full_depth = choose(None)
+        if _worst_step(model, header, pixels, full_depth) < worst:
+            indices = full_depth
     return header, indices
+
+
+def _worst_step(model: Any, header: ImageHeader, pixels: np.ndarray, indices: torch.Tensor) -> float:
+    """The largest ratio of a layer's squared error (output pixels against ``pixels``) to the layer's before it,
+    for codeword ``indices [1, grid_h, grid_w]``: at most 1 when every layer decodes at least as well as the one
+    before. One decode per layer."""
+    q, original = model.quantizer, torch.from_numpy(pixels).float()
+    errors = [float((latents_to_pixels(model, header, q.index.layer_centers(n)[indices]).float() - original)
+                    .pow(2).mean()) for n in range(1, q.num_layers + 1)]
+    return max((later / max(earlier, 1e-12) for earlier, later in zip(errors, errors[1:])), default=1.0)
 
 
 def compress_pixels(model: Any, pixels: np.ndarray, coding: str = "context", rate_weight: float = RATE_WEIGHT,

@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "choice (in [0, 1]; default 0.4; 1: no preference)")
     c.add_argument("--layer-weights", type=_numbers, metavar="W0,W1,...",
                    help="images: in that choice, a codeword's error is its error after each layer weighted by these "
-                        "(one per layer of the model, the last: full depth; default 2,2,0,...,0,1, unless a layer "
-                        "of the image then decodes below the one before it: 0,...,0,1, full depth alone)")
+                        "(one per layer of the model, the last: full depth; used as given; default 2,2,0,...,0,1 "
+                        "unless a layer of the image then decodes more than 0.1%% worse than the one before it, "
+                        "when 0,...,0,1, full depth alone, may be used instead)")
     t = c.add_argument_group("training (not with --model)")
     t.add_argument("--codebook-size", type=int, help="K, number of codewords, at most N (default 1024)")
     t.add_argument("--bits", type=_bits, help="bits per layer, base first (default 4,2,2,2,2)")
