@@ -15,9 +15,10 @@ unless said otherwise:
 
 * ours: the default run's checkpoint (``python train.py``) at every layer, through the
   image-file path of ``svq_modules.cli.images`` (file cut after each layer; each layer
-  context coded, ``svq_modules.coding.context``; codewords chosen at the image command's
-  defaults, ``RATE_WEIGHT`` and ``REPEAT_BITS``); the same files with each layer entropy coded
-  without its neighbours (``compress --coding entropy``); with every vector's nearest
+  adaptively context coded, ``svq_modules.coding.context``; codewords chosen at the image command's
+  defaults, ``RATE_WEIGHT`` and ``REPEAT_BITS``); the same files context coded without adaptation
+  (``compress --coding context``) and entropy coded without the neighbours (``compress --coding
+  entropy``); with every vector's nearest
   codeword (``compress --rate-weight 0 --layer-weights 0,...,0,1``); and with the codewords chosen by
   their error at full depth alone (``--layer-weights 0,...,0,1``, the choice before 2026-12-08);
 * flat VQ at 4 / 6 / 8 bits: the same run with ``codebook_size=2**b`` (full depth only), and the
@@ -28,8 +29,9 @@ unless said otherwise:
   in the same autoencoder, same data, batch and steps; its rate is the ideal code
   length of each stage's indices under probabilities counted on training crops, given the
   previous stage's index and sharpened by the left and upper neighbours' indices as our
-  context coding does (per image and stage the best of a grid of two factors, +2 bytes;
-  no header);
+  context coding does (per image and stage the best of a grid of two factors, +2 bytes),
+  and adapted to the image's own counts in that context as our adaptive coding does (the
+  better of the two per stage, +1 byte; no header);
 * CompressAI ``bmshj2018-factorized`` trained on the same crops, batch and steps at
   several lambdas (``lambda * 255**2 * MSE + bpp``), real bytes of ``compress()``;
 * JPEG and WebP (Pillow) quality sweeps;
@@ -77,6 +79,8 @@ MODEL_CONFIG = "configs/model/autoencoder.yaml"
 
 #: the same files with each layer coded without its neighbours (the context coding's gain)
 NO_CONTEXT = "ours, entropy coding (no neighbours)"
+#: the same files context coded without adaptation to the image (``compress --coding context``)
+STATIC_CONTEXT = "ours, context coding without adaptation (--coding context)"
 #: the same files with every vector's nearest codeword (``compress --rate-weight 0``)
 NEAREST = "ours, nearest codewords (rate weight 0, full-depth error only)"
 #: the same image with the codewords chosen by their error at full depth alone (``--layer-weights 0,...,0,1``)
@@ -161,7 +165,7 @@ def downscaled_codec(codec: Callable[[np.ndarray], Points], scales: tuple[int, .
     return run
 
 
-def ours_codec(ckpt: Path, last_only: bool = False, coding: str = "context", rate_weight: float | None = None,
+def ours_codec(ckpt: Path, last_only: bool = False, coding: str = "adaptive", rate_weight: float | None = None,
                full_depth: bool = False) -> Callable[[np.ndarray], Points]:
     """Every layer of the checkpoint's image file (``svq_modules.cli.images``), the file cut after each layer;
     codewords chosen at ``rate_weight`` (default: the image command's) and the image command's layer weights,
@@ -375,9 +379,10 @@ def rvq_counts(model: RVQAutoencoder) -> torch.Tensor:
     return counts
 
 
-def neighbour_bits(symbols: torch.Tensor, probs: torch.Tensor) -> float:
+def neighbour_bits(symbols: torch.Tensor, probs: torch.Tensor, context: torch.Tensor) -> float:
     """Ideal bits of a grid of symbols ``[H, W]`` under ``probs [H, W, C]`` sharpened like our context coding:
-    ``p(c) * a^[c == left] * b^[c == top]``, the best ``(a, b)`` of a grid of factors for this grid (+ 2 bytes)."""
+    ``p(c) * a^[c == left] * b^[c == top]``, the best ``(a, b)`` of a grid of factors for this grid (+ 2 bytes);
+    or, if fewer, those rows adapted like our adaptive coding (:func:`adapted_bits`, + 1 byte)."""
     h, w = symbols.shape
     left = torch.full_like(symbols, -1)
     left[:, 1:] = symbols[:, :-1]
@@ -389,13 +394,36 @@ def neighbour_bits(symbols: torch.Tensor, probs: torch.Tensor) -> float:
         for b in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0):
             q = probs * torch.where(cols == left[..., None], a, 1.0) * torch.where(cols == top[..., None], b, 1.0)
             q = q / q.sum(-1, keepdim=True)
-            best = min(best, float(-torch.log2(q.gather(-1, symbols[..., None])).sum()))
-    return best + 16
+            bits = float(-torch.log2(q.gather(-1, symbols[..., None])).sum())
+            if bits < best:
+                best, rows = bits, q
+    return best + 16 + min(0.0, adapted_bits(symbols, rows, context, left, top) + 8 - best)
+
+
+def adapted_bits(symbols: torch.Tensor, rows: torch.Tensor, context: torch.Tensor, left: torch.Tensor,
+                 top: torch.Tensor) -> float:
+    """Ideal bits of ``symbols [H, W]`` under ``(n(c) + beta * rows(c)) / (n + beta)``, as our adaptive context
+    coding mixes its rows: ``n(c)`` how often ``c`` followed the same (``context``, left, top) on earlier
+    anti-diagonals, ``beta`` the best of the coder's grid (``svq_modules.coding.context._BETAS``)."""
+    h, w = symbols.shape
+    c = rows.shape[-1]
+    diagonal = (torch.arange(h)[:, None] + torch.arange(w)[None]).flatten()
+    order = torch.argsort(diagonal, stable=True)
+    ctx = ((context.flatten() * (c + 1) + left.flatten() + 1) * (c + 1) + top.flatten() + 1)[order]
+    sym, d = symbols.flatten()[order], diagonal[order]
+    p = rows.reshape(-1, c)[order].gather(-1, sym[:, None])[:, 0].double()
+
+    def earlier(key: torch.Tensor) -> torch.Tensor:  # occurrences of the same key on earlier anti-diagonals
+        seen = torch.sort(key * (h + w) + d).values
+        return torch.searchsorted(seen, key * (h + w) + d) - torch.searchsorted(seen, key * (h + w))
+
+    n_sym, n_ctx = earlier(ctx * c + sym).double(), earlier(ctx).double()
+    return min(float(-torch.log2((n_sym + beta * p) / (n_ctx + beta)).sum()) for beta in (1, 2, 4, 8, 16, 32, 64))
 
 
 def rvq_codec(model: RVQAutoencoder) -> Callable[[np.ndarray], Points]:
     """Every stage; bytes: the ideal code length of each stage's indices given the previous stage's and the
-    left and upper neighbours' (:func:`neighbour_bits`), no header."""
+    left and upper neighbours' (:func:`neighbour_bits`, adapted to the image where that is shorter), no header."""
     probs = model.counts / model.counts.sum(-1, keepdim=True)  # [3, 16 previous, 16]
 
     @torch.no_grad()
@@ -407,7 +435,7 @@ def rvq_codec(model: RVQAutoencoder) -> Callable[[np.ndarray], Points]:
         for s, c in enumerate(codes):
             c = c.reshape(grid)
             prev = codes[s - 1].reshape(grid) if s else torch.zeros_like(c)
-            stage_bits.append(neighbour_bits(c, probs[s][prev]))
+            stage_bits.append(neighbour_bits(c, probs[s][prev], prev))
         bits = np.cumsum(stage_bits)
         return [(int(math.ceil(float(b) / 8)), _to_pixels(model.decode(r, grid), size)) for b, r in zip(bits, recons)]
 
@@ -590,6 +618,7 @@ def main() -> None:
 
     rows: dict[str, dict[str, np.ndarray]] = {}
     rows["ours"] = measure(ours_codec(ckpt), images)
+    rows[STATIC_CONTEXT] = measure(ours_codec(ckpt, coding="context"), images)
     rows[NO_CONTEXT] = measure(ours_codec(ckpt, coding="entropy"), images)
     rows[NEAREST] = measure(ours_codec(ckpt, rate_weight=0.0, full_depth=True), images)
     rows[FULL_DEPTH] = measure(ours_codec(ckpt, full_depth=True), images)

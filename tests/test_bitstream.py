@@ -733,12 +733,13 @@ def smooth_grid(t, shape: tuple[int, ...], block: int, seed: int) -> torch.Tenso
 
 @pytest.mark.parametrize("shape", [(20, 20), (2, 10, 20), (1, 1, 400), (400, 1), (3, 1, 2, 5)])
 @pytest.mark.parametrize("embed", [None, "float32"])
-def test_context_coding_round_trips_every_prefix(model, shape, embed, entropy_only):
+@pytest.mark.parametrize("coding", ["context", "adaptive"])
+def test_context_coding_round_trips_every_prefix(model, shape, embed, coding, entropy_only):
     _, h, t, idx = model
     for grid in (idx[: math.prod(shape)].reshape(shape), smooth_grid(t, shape, 3, 1)):
         ref = decode_codes(t, encode_indices(t, grid.reshape(-1)))
-        chunks = compress_layers(h, t, grid, coding="context", embed_centers=embed)
-        assert [read_header(c).coding for c in chunks] == ["context"] * t.num_layers
+        chunks = compress_layers(h, t, grid, coding=coding, embed_centers=embed)
+        assert [read_header(c).coding for c in chunks] == [coding] * t.num_layers
         for n in range(1, t.num_layers + 1):
             out = decompress_layers(h, t, chunks[:n])
             assert out.batch_shape == shape and torch.equal(out.nodes, ref[:n])
@@ -781,7 +782,7 @@ def test_context_coding_errors(model, entropy_only):
         "words": payload[:-1],
         "short": payload[:1],
     }
-    messages = {"factor": "neighbour factors", "words": "not 2 factor bytes", "short": "not 2 factor bytes"}
+    messages = {"factor": r"neighbour factors \[0, ", "words": "not 2 header bytes", "short": "not 2 header bytes"}
     for name, p in bad.items():
         stream = list(chunks[: i + 1])
         stream[i] = with_section(stream[i], payload=p)
@@ -810,3 +811,53 @@ def test_context_coding_of_a_long_thin_grid_falls_back_to_entropy(model, monkeyp
     monkeypatch.setattr(context, "MAX_DIAGONALS", 100)
     with pytest.raises(BitstreamError, match="more than 100 anti-diagonals"):
         decompress_layers(h, t, forced)
+
+
+# ------------------------------------------------------------------------------------ adaptive context coding
+
+
+def _payload(chunk: bytes) -> bytes:
+    return chunk[-4 - read_header(chunk).payload_len : -4]
+
+
+def test_adaptive_coding_learns_what_the_model_does_not_know(model, entropy_only):
+    """Codes drawn from 3 of the model's codewords, in random places (the neighbours tell nothing): the static
+    rows pay the model's code lengths, the adaptive ones learn the grid's own counts and get near its
+    empirical entropy (log2 3 bits a vector over all layers)."""
+    _, h, t, _ = model
+    g = torch.Generator().manual_seed(5)
+    three = torch.randperm(t.num_leaves, generator=g)[:3]
+    grid = three[torch.randint(0, 3, (64, 64), generator=g)]
+    sizes = {c: sum(len(_payload(x)) for x in compress_layers(h, t, grid, coding=c)) for c in ("context", "adaptive")}
+    ideal = 64 * 64 * math.log2(3) / 8
+    assert sizes["adaptive"] < 0.8 * sizes["context"], sizes
+    assert sizes["adaptive"] < 1.15 * ideal + 16 * t.num_layers, (sizes, ideal)
+    chunks = compress_layers(h, t, grid, coding="adaptive")
+    assert torch.equal(decompress_layers(h, t, chunks).nodes, decode_codes(t, encode_indices(t, grid.reshape(-1))))
+
+
+def test_adaptive_coding_errors_and_fallback(model, monkeypatch, entropy_only):
+    """A bad beta byte, cut words, an adaptive chunk of a layer whose table would be too large: refused.
+    A layer whose table would be too large is context coded without adaptation, and decodes."""
+    import svq_modules.coding.context as context
+
+    _, h, t, idx = model
+    grid = idx.reshape(20, 20)
+    chunks = compress_layers(h, t, grid, coding="adaptive")
+    ref = decompress_layers(h, t, chunks).nodes
+    i = 1
+    payload = _payload(chunks[i])
+    bad = {"beta": (payload[:2] + bytes([0]) + payload[3:], r"neighbour factors and beta \[\d+, \d+, 0\]"),
+           "words": (payload[:-1], "not 3 header bytes"), "short": (payload[:2], "not 3 header bytes")}
+    for name, (p, message) in bad.items():
+        stream = list(chunks[: i + 1])
+        stream[i] = with_section(stream[i], payload=p)
+        with pytest.raises(BitstreamError, match=message):
+            decompress_layers(h, t, stream)
+    monkeypatch.setattr(context, "MAX_ADAPTIVE_ENTRIES", 0)
+    with pytest.raises(BitstreamError, match="table of counts would exceed 0 entries"):
+        decompress_layers(h, t, chunks)
+    fallback = compress_layers(h, t, grid, coding="adaptive")
+    assert {read_header(c).coding for c in fallback} == {"context"}
+    assert fallback == compress_layers(h, t, grid, coding="context")
+    assert torch.equal(decompress_layers(h, t, fallback).nodes, ref)

@@ -203,22 +203,24 @@ def test_info_json(files, capsys):
     assert info["latent_grid"] == [10, 14] and info["patch_size"] == 4 and info["padding"] == "edge"
     rc, text, _ = run(capsys, "info", d / "odd.svq")
     assert rc == 0 and f"37x53 RGB image, {LAYERS} layers" in text
-    assert set(info["coding"]) <= {"context", "raw"} and "context" in info["coding"]  # the default for images
+    assert set(info["coding"]) <= {"adaptive", "raw"} and "adaptive" in info["coding"]  # the default for images
 
 
 def test_coding_option(files, capsys, tmp_path):
-    """``--coding entropy`` / ``raw`` give the same pixels as the default context coding; arrays refuse ``context``."""
+    """``--coding context`` / ``entropy`` / ``raw`` give the same pixels as the default adaptive coding; arrays
+    refuse the grid codings."""
     d = files
     ref = decode(capsys, d, d / "odd.svq", tmp_path / "ref.png")
-    for coding in ("entropy", "raw"):
+    for coding in ("context", "entropy", "raw"):
         out = tmp_path / f"{coding}.svq"
         assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", out, "--coding", coding) == 0
         assert set(info_json(capsys, out)["coding"]) <= {coding, "raw"}
         assert np.array_equal(decode(capsys, d, out, tmp_path / f"{coding}.png"), ref)
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32))
-    err = assert_refused(capsys, tmp_path / "x.svq", "compress", tmp_path / "x.npy", "-o", tmp_path / "x.svq",
-                         "--coding", "context")
-    assert "--coding context" in err and "entropy" in err
+    for coding in ("context", "adaptive"):
+        err = assert_refused(capsys, tmp_path / "x.svq", "compress", tmp_path / "x.npy", "-o", tmp_path / "x.svq",
+                             "--coding", coding)
+        assert f"--coding {coding}" in err and "entropy" in err
 
 
 # --------------------------------------------------------------------------------- refused, nothing written

@@ -17,7 +17,7 @@ def trained():
     return vq, x
 
 
-@pytest.mark.parametrize("coding", ["entropy", "context", "raw"])
+@pytest.mark.parametrize("coding", ["entropy", "context", "adaptive", "raw"])
 def test_module_compress_every_prefix(trained, coding):
     vq, x = trained
     chunks = vq.compress(x, coding=coding)
@@ -48,7 +48,7 @@ def test_module_decompress_into_fresh_module_and_errors(trained):
         ScalableVQ(8, 64, bits=[2, 2, 1]).compress(torch.randn(3, 8))
 
 
-@pytest.mark.parametrize("coding", ["entropy", "context", "raw"])
+@pytest.mark.parametrize("coding", ["entropy", "context", "adaptive", "raw"])
 def test_module_compress_items_one_stream_per_batch_item(trained, coding):
     """CompressAI's convention: ``{"strings": strings[l][b], "shape": item shape}``; every item decodes on its own."""
     vq, x = trained  # channel-first [4, 8, 16, 16]
@@ -96,5 +96,7 @@ def test_module_context_coding_of_a_smooth_latent_grid(trained):
     try:
         with pytest.raises(ValueError, match="grid"):
             vq.compress(x[:, :, 0, 0], coding="context")  # [B, D]: one index per item, no grid
+        with pytest.raises(ValueError, match="grid"):
+            vq.compress(x[:, :, 0, 0], coding="adaptive")
     finally:
         del vq._quantize

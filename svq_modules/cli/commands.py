@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..arrays import ARRAY_SUFFIXES, load_array, save_array
-from ..coding import BitstreamError, compress_layers, decompress_layers, read_header
+from ..coding import GRID_CODINGS, BitstreamError, compress_layers, decompress_layers, read_header
 from ..coding.container import pack_container, read_container
 from ..coding.image_file import has_image_magic
 from ..validation import check_int, check_vectors
@@ -90,8 +90,8 @@ def _check_compress_options(args: argparse.Namespace) -> None:
             raise CLIError("--save-model writes the model compress trains, but --model gives one; copy that file instead")
     elif args.no_store_model and not (args.embed_centers or args.save_model):
         raise CLIError("--no-store-model needs --embed-centers or --save-model, or the file could not be decoded")
-    if args.coding == "context":
-        raise CLIError("--coding context: codes each latent given its neighbours on an image's grid; an [N, D] "
+    if args.coding in GRID_CODINGS:
+        raise CLIError(f"--coding {args.coding}: codes each latent given its neighbours on an image's grid; an [N, D] "
                        "array's vectors have none: use entropy (default) or raw")
 
 

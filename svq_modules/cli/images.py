@@ -19,10 +19,12 @@ Choices:
   written back as grayscale (the mean of the 3 decoded channels); an RGB image
   through a grayscale model is refused;
 * pixels are 8-bit, ``/ 255`` into the model and ``round(255 * clamp(y, 0, 1))`` out;
-* coding: each layer is context coded by default (:mod:`svq_modules.coding.context`:
-  a latent's symbol given its left and upper neighbours' symbols, under the
-  probabilities the model learned), raw where that is smaller; ``--coding``
-  picks ``entropy`` (no neighbours) or ``raw`` instead;
+* coding: each layer is adaptively context coded by default
+  (:mod:`svq_modules.coding.context`: a latent's symbol given its left and upper
+  neighbours' symbols, under the probabilities the model learned mixed with the
+  counts of the image's own earlier symbols in the same context), raw where that
+  is smaller; ``--coding`` picks ``context`` (the model's probabilities alone),
+  ``entropy`` (no neighbours) or ``raw`` instead;
 * output: PNG, JPEG (quality 95, no chroma subsampling: a second, lossy
   coding), BMP or TIFF, by the output suffix.
 """
@@ -289,11 +291,11 @@ def _worst_step(model: Any, header: ImageHeader, pixels: np.ndarray, indices: to
     return max((later / max(earlier, 1e-12) for earlier, later in zip(errors, errors[1:])), default=1.0)
 
 
-def compress_pixels(model: Any, pixels: np.ndarray, coding: str = "context", rate_weight: float = RATE_WEIGHT,
+def compress_pixels(model: Any, pixels: np.ndarray, coding: str = "adaptive", rate_weight: float = RATE_WEIGHT,
                     repeat_bits: float = REPEAT_BITS,
                     layer_weights: Sequence[float] | None = None) -> tuple[ImageHeader, list[bytes]]:
     """The header and per-layer chunks of an image file of ``pixels`` (``[H, W, C]`` uint8); ``coding`` as for
-    :func:`~svq_modules.coding.compress_layers` (``"context"``, ``"entropy"`` or ``"raw"``), ``rate_weight``,
+    :func:`~svq_modules.coding.compress_layers` (``"adaptive"``, ``"context"``, ``"entropy"`` or ``"raw"``), ``rate_weight``,
     ``repeat_bits`` and ``layer_weights`` as for :func:`encode_image`."""
     header, indices = encode_image(model, pixels, rate_weight, repeat_bits, layer_weights)
     q = model.quantizer
@@ -389,7 +391,7 @@ def compress_image(args: argparse.Namespace) -> int:
 
     # 3. work
     t0 = time.perf_counter()
-    header, chunks = compress_pixels(model, pixels, coding=args.coding or "context", rate_weight=rate_weight,
+    header, chunks = compress_pixels(model, pixels, coding=args.coding or "adaptive", rate_weight=rate_weight,
                                      repeat_bits=repeat_bits, layer_weights=layer_weights)
     data = pack_image_file(header, chunks)
 

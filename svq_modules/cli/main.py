@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save-model", help="also write the trained model to this file (.pt)")
     c.add_argument("--no-store-model", action="store_true", help="do not put the trained model into the .svq file")
     c.add_argument("--coding", choices=CODINGS,
-                   help="payload coding (default: context for images, entropy for arrays; context needs a grid of "
-                        "latents, so images only)")
+                   help="payload coding (default: adaptive for images, entropy for arrays; adaptive and context "
+                        "need a grid of latents, so images only)")
     c.add_argument("--embed-centers", choices=["float16", "float32"], help="self-contained chunks carrying their centers")
     c.add_argument("--rate-weight", type=float, metavar="W",
                    help="pick each vector's codeword by least error + W x (mean error) x (its code length in bits): "

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "CODINGS",
+    "GRID_CODINGS",
     "CRC_FIELD",
     "EMBED_DTYPES",
     "FORMAT_VERSION",
@@ -41,8 +42,10 @@ __all__ = [
 
 MAGIC = b"SVQL"
 FORMAT_VERSION = 1
-#: payload codings; the header stores the index (0 = raw, 1 = entropy, 2 = context: see .context)
-CODINGS = ("raw", "entropy", "context")
+#: payload codings; the header stores the index (0 = raw, 1 = entropy, 2 = context, 3 = adaptive context: see .context)
+CODINGS = ("raw", "entropy", "context", "adaptive")
+#: the codings of indices on a grid [..., H, W] (a symbol given its left and upper neighbours)
+GRID_CODINGS = ("context", "adaptive")
 #: embedded-center types; the header stores the value
 EMBED_DTYPES: dict[str | None, int] = {None: 0, "float16": 1, "float32": 2}
 _EMBED_NAMES = {v: k for k, v in EMBED_DTYPES.items()}
@@ -69,7 +72,7 @@ class ChunkHeader(NamedTuple):
     """Parsed header of one layer chunk (see ``docs/bitstream.md``)."""
 
     version: int
-    coding: str  # "raw" | "entropy" | "context"
+    coding: str  # "raw" | "entropy" | "context" | "adaptive"
     embed: str | None  # None | "float16" | "float32"
     step: int  # entropy coding: tree levels per coded step (1..8); raw and context: 0
     layer: int
@@ -213,7 +216,7 @@ def _check_fields(f: dict[str, Any], what: str) -> None:
         raise BitstreamError(f"{what}: unsupported format version {f['version']} (this reader supports {FORMAT_VERSION})")
     coding, step = f["coding"], f["step"]
     if coding >= len(CODINGS):
-        raise BitstreamError(f"{what}: unknown coding {coding} (expected 0 = raw, 1 = entropy or 2 = context)")
+        raise BitstreamError(f"{what}: unknown coding {coding} (expected 0 = raw, 1 = entropy, 2 = context or 3 = adaptive)")
     if f["embed"] not in _EMBED_NAMES:
         raise BitstreamError(f"{what}: unknown embedded-center type {f['embed']} (expected 0, 1 = float16 or 2 = float32)")
     if (coding != 1 and step != 0) or (coding == 1 and not 1 <= step <= MAX_STEP):

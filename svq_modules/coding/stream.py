@@ -7,10 +7,10 @@ symbols of every vector that sends one. A receiver decodes any prefix
 * :mod:`.chunk`: header layout, CRC32, parsing one chunk, the order of chunks;
 * :mod:`.tables`: model fingerprint, branch probabilities and the cached codec tables;
 * :mod:`.payload`: raw and entropy coding of a layer's symbols;
-* :mod:`.context`: context coding of a layer's symbols on a grid of vectors;
+* :mod:`.context`: context coding of a layer's symbols on a grid of vectors (adaptive or not);
 * :mod:`.embedded`: the model part of self-contained chunks.
 
-With ``coding="entropy"`` or ``"context"`` a layer whose coded payload would be
+With ``coding="entropy"``, ``"context"`` or ``"adaptive"`` a layer whose coded payload would be
 larger than its raw payload is written raw (the chunk header says per chunk which
 coding it uses), so a chunk is never larger than its raw version. The byte
 layout is written down in ``docs/bitstream.md``.
@@ -31,6 +31,7 @@ from ..validation import check_choice, check_int
 from .chunk import (
     CODINGS,
     EMBED_DTYPES,
+    GRID_CODINGS,
     MAX_NDIM,
     MAX_STEP,
     MAX_VECTORS,
@@ -42,7 +43,7 @@ from .chunk import (
     pack_chunk,
     parse_chunk,
 )
-from .context import context_fits, decode_context, encode_context
+from .context import adaptive_fits, context_fits, decode_context, encode_context
 from .embedded import codec_from_embedded, embed_section
 from .payload import decode_entropy, decode_raw, encode_entropy, encode_raw, raw_payload_size
 from .tables import CodecTables, check_model, codec_tables, to_numpy
@@ -136,14 +137,17 @@ def compress_layers(
         tables: its layer tables (``L`` layers).
         indices: ``[*batch]`` int codeword indices (``N`` elements); the batch
             shape is stored in chunk 0 and given back by the decoder.
-        coding: ``"entropy"`` (default), ``"context"`` or ``"raw"``.
+        coding: ``"entropy"`` (default), ``"context"``, ``"adaptive"`` or ``"raw"``.
             ``"context"`` (:mod:`.context`) is for indices on a grid
             ``[..., H, W]`` (image latents, feature maps): each symbol is
             coded given its left and upper neighbours' symbols (a grid of
             more than ``context.MAX_DIAGONALS`` anti-diagonals is entropy
-            coded instead). With
-            ``"entropy"`` or ``"context"`` a layer whose coded payload would be
-            larger than its raw payload is written raw (its header says so).
+            coded instead). ``"adaptive"``: the same, its probabilities also
+            learning from the layer's earlier symbols (a layer whose table of
+            counts would exceed ``context.MAX_ADAPTIVE_ENTRIES`` is context
+            coded). With a coding other than ``"raw"`` a layer whose coded
+            payload would be larger than its raw payload is written raw (its
+            header says so).
         num_layers: produce layers ``0..num_layers-1`` (default all ``L``).
         embed_centers: ``None``, ``"float16"`` or ``"float32"``: self-contained
             chunks that also carry their layer's tree structure and node centers.
@@ -163,7 +167,7 @@ def compress_layers(
     num_layers = L if num_layers is None else check_int(num_layers, "num_layers", min=1, max=L)
     idx, shape = _flatten_indices(indices, hierarchy.num_leaves)
     layer_coding_asked = coding
-    if coding == "context" and not context_fits(shape):  # raises on fewer than 2 dimensions
+    if coding in GRID_CODINGS and not context_fits(shape):  # raises on fewer than 2 dimensions
         layer_coding_asked = "entropy"  # a long, thin grid: the decoder would need one round per diagonal
     codec = codec_tables(hierarchy, tables)
     n = idx.shape[0]
@@ -175,14 +179,15 @@ def compress_layers(
         sym = codec.leaf_symbol[layer][idx]
         active = np.flatnonzero(sym >= 0)
         leaves = idx[active] if active.size < n else idx
-        layer_coding, step = "raw", 0
+        layer_coding, step, adaptive = "raw", 0, False
         if layer_coding_asked == "entropy":
             step = step_arg or codec.auto_step(layer)
             payload = encode_entropy(codec, layer, step, leaves)
-        elif layer_coding_asked == "context":
-            payload = encode_context(codec, layer, idx, shape)
+        elif layer_coding_asked in GRID_CODINGS:
+            adaptive = layer_coding_asked == "adaptive" and adaptive_fits(codec, layer)
+            payload = encode_context(codec, layer, idx, shape, adaptive=adaptive)
         if layer_coding_asked != "raw" and len(payload) <= raw_payload_size(codec, layer, leaves):
-            layer_coding = layer_coding_asked
+            layer_coding = "context" if layer_coding_asked == "adaptive" and not adaptive else layer_coding_asked
         else:  # never larger than raw: this layer goes raw
             step = 0
         if layer_coding == "raw":
@@ -297,8 +302,9 @@ def _decode(codec: CodecTables | None, hierarchy: Hierarchy | None, parsed: list
         start = state[active]
         if c.header.coding == "raw":
             new = decode_raw(codec, layer, start, active, c.payload, what)
-        elif c.header.coding == "context":
-            new = decode_context(codec, layer, state, active, first.batch_shape or (), c.payload, what)
+        elif c.header.coding in GRID_CODINGS:
+            new = decode_context(codec, layer, state, active, first.batch_shape or (), c.payload, what,
+                                 adaptive=c.header.coding == "adaptive")
         else:
             new = decode_entropy(codec, layer, c.header.step, start, c.payload, what)
         nodes[layer] = state

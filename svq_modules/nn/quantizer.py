@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as svq_dist
-from ..coding import CODINGS, BitstreamError, compress_layers, decompress_layers
+from ..coding import CODINGS, GRID_CODINGS, BitstreamError, compress_layers, decompress_layers
 from ..coding.context import grid_of
 from ..hierarchy import Hierarchy, code_statistics
 from ..layers import LayerRates, LayerTables
@@ -613,8 +613,8 @@ class ScalableVQ(nn.Module):
             coding: ``"entropy"`` (default; symbols conditioned on the parent
                 node, from the stored counts), ``"context"`` (also on the left
                 and upper neighbours' symbols, for latents on a grid: indices
-                ``[..., H, W]``, i.e. ``x`` ``[B, D, H, W]`` with ``channel_first``)
-                or ``"raw"`` (bit packing).
+                ``[..., H, W]``, i.e. ``x`` ``[B, D, H, W]`` with ``channel_first``), ``"adaptive"``
+                (the same, also learning from the layer's earlier symbols) or ``"raw"``.
             num_layers: write only the first layers, ``1..L`` (default all L).
             embed_centers: one of :data:`EMBED_CENTERS`: chunks that also carry
                 their layer's node centers, for a receiver without the model.
@@ -632,7 +632,7 @@ class ScalableVQ(nn.Module):
         check_choice(embed_centers, "embed_centers", list(EMBED_CENTERS))
         num_layers = None if num_layers is None else self._check_layers(num_layers)
         _check_input(x, self.dim, self.channel_first)
-        if coding == "context":  # indices [..., H, W]: x [..., H, W, D] or [B, D, H, W]
+        if coding in GRID_CODINGS:  # indices [..., H, W]: x [..., H, W, D] or [B, D, H, W]
             grid_of(x.shape[:1] + x.shape[2:] if self.channel_first else x.shape[:-1])
         self.index.require_built()
         self._warn_if_stale()
