@@ -731,10 +731,23 @@ def smooth_grid(t, shape: tuple[int, ...], block: int, seed: int) -> torch.Tenso
     return tiles.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :h, :w].contiguous()
 
 
+@pytest.fixture
+def adaptive_only(monkeypatch):
+    """Make ``coding="adaptive"`` keep every layer adaptive (it keeps context coding where that is smaller, which
+    on these small grids would leave the adaptive decoder untested). Not for ``coding="context"``."""
+    import svq_modules.coding.stream as stream
+
+    encode = stream.encode_context
+    monkeypatch.setattr(stream, "encode_context", lambda *a, adaptive=False: encode(*a, adaptive=True) + bytes(
+        0 if adaptive else 1 << 20))
+
+
 @pytest.mark.parametrize("shape", [(20, 20), (2, 10, 20), (1, 1, 400), (400, 1), (3, 1, 2, 5)])
 @pytest.mark.parametrize("embed", [None, "float32"])
 @pytest.mark.parametrize("coding", ["context", "adaptive"])
-def test_context_coding_round_trips_every_prefix(model, shape, embed, coding, entropy_only):
+def test_context_coding_round_trips_every_prefix(model, shape, embed, coding, entropy_only, request):
+    if coding == "adaptive":
+        request.getfixturevalue("adaptive_only")
     _, h, t, idx = model
     for grid in (idx[: math.prod(shape)].reshape(shape), smooth_grid(t, shape, 3, 1)):
         ref = decode_codes(t, encode_indices(t, grid.reshape(-1)))
@@ -828,23 +841,25 @@ def test_adaptive_coding_learns_what_the_model_does_not_know(model, entropy_only
     g = torch.Generator().manual_seed(5)
     three = torch.randperm(t.num_leaves, generator=g)[:3]
     grid = three[torch.randint(0, 3, (64, 64), generator=g)]
-    sizes = {c: sum(len(_payload(x)) for x in compress_layers(h, t, grid, coding=c)) for c in ("context", "adaptive")}
+    streams = {c: compress_layers(h, t, grid, coding=c) for c in ("context", "adaptive")}
+    sizes = {c: sum(len(_payload(x)) for x in chunks) for c, chunks in streams.items()}
     ideal = 64 * 64 * math.log2(3) / 8
     assert sizes["adaptive"] < 0.8 * sizes["context"], sizes
     assert sizes["adaptive"] < 1.15 * ideal + 16 * t.num_layers, (sizes, ideal)
-    chunks = compress_layers(h, t, grid, coding="adaptive")
+    chunks = streams["adaptive"]
+    assert "adaptive" in {read_header(c).coding for c in chunks}
+    for a, c in zip(chunks, streams["context"]):  # each layer the smaller of the two (the coding byte says which)
+        assert len(_payload(a)) <= len(_payload(c)) and read_header(a).coding in ("adaptive", "context")
     assert torch.equal(decompress_layers(h, t, chunks).nodes, decode_codes(t, encode_indices(t, grid.reshape(-1))))
 
 
-def test_adaptive_coding_errors_and_fallback(model, monkeypatch, entropy_only):
-    """A bad beta byte, cut words, an adaptive chunk of a layer whose table would be too large: refused.
-    A layer whose table would be too large is context coded without adaptation, and decodes."""
+def test_adaptive_coding_errors(model, monkeypatch, entropy_only, adaptive_only):
+    """A bad beta byte, cut words, an adaptive chunk of a layer whose table would be too large: refused."""
     import svq_modules.coding.context as context
 
     _, h, t, idx = model
-    grid = idx.reshape(20, 20)
-    chunks = compress_layers(h, t, grid, coding="adaptive")
-    ref = decompress_layers(h, t, chunks).nodes
+    chunks = compress_layers(h, t, idx.reshape(20, 20), coding="adaptive")
+    assert {read_header(c).coding for c in chunks} == {"adaptive"}
     i = 1
     payload = _payload(chunks[i])
     bad = [(payload[:2] + bytes([0]) + payload[3:], r"neighbour factors and beta \[\d+, \d+, 0\]"),
@@ -857,6 +872,16 @@ def test_adaptive_coding_errors_and_fallback(model, monkeypatch, entropy_only):
     monkeypatch.setattr(context, "MAX_ADAPTIVE_ENTRIES", 0)
     with pytest.raises(BitstreamError, match="table of counts would exceed 0 entries"):
         decompress_layers(h, t, chunks)
+
+
+def test_adaptive_coding_falls_back_to_context(model, monkeypatch, entropy_only):
+    """A layer whose table of counts would be too large is context coded without adaptation, and decodes."""
+    import svq_modules.coding.context as context
+
+    _, h, t, idx = model
+    grid = idx.reshape(20, 20)
+    ref = decode_codes(t, encode_indices(t, idx))
+    monkeypatch.setattr(context, "MAX_ADAPTIVE_ENTRIES", 0)
     fallback = compress_layers(h, t, grid, coding="adaptive")
     assert {read_header(c).coding for c in fallback} == {"context"}
     assert fallback == compress_layers(h, t, grid, coding="context")

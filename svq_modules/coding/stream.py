@@ -143,11 +143,11 @@ def compress_layers(
             coded given its left and upper neighbours' symbols (a grid of
             more than ``context.MAX_DIAGONALS`` anti-diagonals is entropy
             coded instead). ``"adaptive"``: the same, its probabilities also
-            learning from the layer's earlier symbols (a layer whose table of
-            counts would exceed ``context.MAX_ADAPTIVE_ENTRIES`` is context
-            coded). With a coding other than ``"raw"`` a layer whose coded
-            payload would be larger than its raw payload is written raw (its
-            header says so).
+            learning from the layer's earlier symbols; a layer is context
+            coded where that is smaller or its table of counts would exceed
+            ``context.MAX_ADAPTIVE_ENTRIES``. With a coding other than
+            ``"raw"`` a layer whose coded payload would be larger than its raw
+            payload is written raw (its header says so).
         num_layers: produce layers ``0..num_layers-1`` (default all ``L``).
         embed_centers: ``None``, ``"float16"`` or ``"float32"``: self-contained
             chunks that also carry their layer's tree structure and node centers.
@@ -179,15 +179,18 @@ def compress_layers(
         sym = codec.leaf_symbol[layer][idx]
         active = np.flatnonzero(sym >= 0)
         leaves = idx[active] if active.size < n else idx
-        layer_coding, step, adaptive = "raw", 0, False
+        layer_coding, step, coded = "raw", 0, layer_coding_asked
         if layer_coding_asked == "entropy":
             step = step_arg or codec.auto_step(layer)
             payload = encode_entropy(codec, layer, step, leaves)
         elif layer_coding_asked in GRID_CODINGS:
-            adaptive = layer_coding_asked == "adaptive" and adaptive_fits(codec, layer)
-            payload = encode_context(codec, layer, idx, shape, adaptive=adaptive)
+            payload, coded = encode_context(codec, layer, idx, shape), "context"
+            if layer_coding_asked == "adaptive" and adaptive_fits(codec, layer):
+                adaptive = encode_context(codec, layer, idx, shape, adaptive=True)
+                if len(adaptive) < len(payload):  # never larger than context coding
+                    payload, coded = adaptive, "adaptive"
         if layer_coding_asked != "raw" and len(payload) <= raw_payload_size(codec, layer, leaves):
-            layer_coding = "context" if layer_coding_asked == "adaptive" and not adaptive else layer_coding_asked
+            layer_coding = coded
         else:  # never larger than raw: this layer goes raw
             step = 0
         if layer_coding == "raw":
