@@ -471,19 +471,22 @@ def _bad_field(rng: random.Random, chunk: bytes, position: int, num_layers: int)
 
 @pytest.mark.parametrize(
     "coding,embed",
-    [("entropy-only", None), ("raw", None), ("entropy", "float16"), ("raw", "float32"), ("context-only", None)],
+    [("entropy-only", None), ("raw", None), ("entropy", "float16"), ("raw", "float32"), ("context-only", None),
+     ("adaptive-only", None)],
 )
 def test_fuzz_2500_mutations_each_raise_bitstream_error(model, coding, embed, request):
     """5 x 2,500 = 12,500 mutated streams: each raises BitstreamError, never another exception or a decode.
 
-    ``entropy-only`` / ``context-only``: every chunk entropy- / context-coded (the indices as a 20x20 grid);
-    ``entropy``: the default, here a mix of raw and entropy chunks.
+    ``entropy-only`` / ``context-only`` / ``adaptive-only``: every chunk entropy- / context- / adaptively coded
+    (the last two: the indices as a 20x20 grid); ``entropy``: the default, here a mix of raw and entropy chunks.
     """
     _, h, t, idx = model
     if coding.endswith("-only"):
         request.getfixturevalue("entropy_only")
+    if coding == "adaptive-only":
+        request.getfixturevalue("adaptive_only")
     coding = coding.removesuffix("-only")
-    idx = idx.reshape(20, 20) if coding == "context" else idx
+    idx = idx.reshape(20, 20) if coding in ("context", "adaptive") else idx
     chunks = compress_layers(h, t, idx, coding=coding, embed_centers=embed)
     other = make_model(11)  # same K, D, L and N: only the model differs
     other_model = compress_layers(other[1], other[2], other[3].reshape(idx.shape), coding=coding, embed_centers=embed)
@@ -731,17 +734,6 @@ def smooth_grid(t, shape: tuple[int, ...], block: int, seed: int) -> torch.Tenso
     return tiles.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :h, :w].contiguous()
 
 
-@pytest.fixture
-def adaptive_only(monkeypatch):
-    """Make ``coding="adaptive"`` keep every layer adaptive (it keeps context coding where that is smaller, which
-    on these small grids would leave the adaptive decoder untested). Not for ``coding="context"``."""
-    import svq_modules.coding.stream as stream
-
-    encode = stream.encode_context
-    monkeypatch.setattr(stream, "encode_context", lambda *a, adaptive=False: encode(*a, adaptive=True) + bytes(
-        0 if adaptive else 1 << 20))
-
-
 @pytest.mark.parametrize("shape", [(20, 20), (2, 10, 20), (1, 1, 400), (400, 1), (3, 1, 2, 5)])
 @pytest.mark.parametrize("embed", [None, "float32"])
 @pytest.mark.parametrize("coding", ["context", "adaptive"])
@@ -872,6 +864,21 @@ def test_adaptive_coding_errors(model, monkeypatch, entropy_only, adaptive_only)
     monkeypatch.setattr(context, "MAX_ADAPTIVE_ENTRIES", 0)
     with pytest.raises(BitstreamError, match="table of counts would exceed 0 entries"):
         decompress_layers(h, t, chunks)
+
+
+def test_adaptive_coding_round_trips_in_blocks(model, monkeypatch, entropy_only, adaptive_only):
+    """Diagonals split into blocks of a few vectors (the decoder's counts must still wait for the whole diagonal),
+    batch items side by side, layers where only some vectors send a symbol: exact at every prefix."""
+    import svq_modules.coding.context as context
+
+    _, h, t, idx = model
+    monkeypatch.setattr(context, "_BLOCK_ENTRIES", 7)
+    for grid in (idx.reshape(2, 10, 20), smooth_grid(t, (3, 17, 11), 2, 4)):
+        ref = decode_codes(t, encode_indices(t, grid.reshape(-1)))
+        chunks = compress_layers(h, t, grid, coding="adaptive")
+        assert {read_header(c).coding for c in chunks} == {"adaptive"}
+        for n in range(1, t.num_layers + 1):
+            assert torch.equal(decompress_layers(h, t, chunks[:n]).nodes, ref[:n])
 
 
 def test_adaptive_coding_falls_back_to_context(model, monkeypatch, entropy_only):

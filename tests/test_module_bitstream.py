@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from svq_modules import BitstreamError, ScalableVQ
-from svq_modules.coding import compress_layers
+from svq_modules.coding import compress_layers, read_header
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +18,13 @@ def trained():
 
 
 @pytest.mark.parametrize("coding", ["entropy", "context", "adaptive", "raw"])
-def test_module_compress_every_prefix(trained, coding):
+def test_module_compress_every_prefix(trained, coding, request):
     vq, x = trained
+    if coding == "adaptive":  # else these small grids stay context coded
+        request.getfixturevalue("adaptive_only")
     chunks = vq.compress(x, coding=coding)
+    if coding == "adaptive":
+        assert "adaptive" in {read_header(c).coding for c in chunks}
     assert len(chunks) == vq.num_layers and all(isinstance(c, bytes) for c in chunks)
     codes = vq.encode(x)
     for layers in range(1, vq.num_layers + 1):
@@ -49,10 +53,14 @@ def test_module_decompress_into_fresh_module_and_errors(trained):
 
 
 @pytest.mark.parametrize("coding", ["entropy", "context", "adaptive", "raw"])
-def test_module_compress_items_one_stream_per_batch_item(trained, coding):
+def test_module_compress_items_one_stream_per_batch_item(trained, coding, request):
     """CompressAI's convention: ``{"strings": strings[l][b], "shape": item shape}``; every item decodes on its own."""
     vq, x = trained  # channel-first [4, 8, 16, 16]
+    if coding == "adaptive":  # else these small grids stay context coded
+        request.getfixturevalue("adaptive_only")
     out = vq.compress_items(x, coding=coding)
+    if coding == "adaptive":
+        assert "adaptive" in {read_header(c).coding for item in out["strings"] for c in item}
     strings, shape = out["strings"], out["shape"]
     assert shape == (16, 16)
     assert len(strings) == vq.num_layers and all(len(layer) == 4 for layer in strings)

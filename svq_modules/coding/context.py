@@ -165,19 +165,26 @@ def adaptive_fits(codec: CodecTables, layer: int) -> bool:
     return int((codec.group_size[layer] > 0).sum()) * (width + 1) ** 2 * width <= MAX_ADAPTIVE_ENTRIES
 
 
-def _context_ids(codec: CodecTables, layer: int, start: np.ndarray, left: np.ndarray, top: np.ndarray,
-                 width: int) -> np.ndarray:
-    """``[S]`` int64 context of each vector for the adaptive counts: its node's rank among the layer's nodes
-    with a group, then its left and upper neighbour symbols (-1: none)."""
-    rank = np.cumsum(codec.group_size[layer] > 0) - 1
+def _group_ranks(codec: CodecTables, layer: int) -> np.ndarray:
+    """``[M]`` int64 rank of every node among the layer's nodes with a group (the first axis of its counts)."""
+    return np.cumsum(codec.group_size[layer] > 0) - 1
+
+
+def _context_ids(rank: np.ndarray, start: np.ndarray, left: np.ndarray, top: np.ndarray, width: int) -> np.ndarray:
+    """``[S]`` int64 context of each vector for the adaptive counts: its node's rank (:func:`_group_ranks`),
+    then its left and upper neighbour symbols (-1: none)."""
     return (rank[start].astype(np.int64) * (width + 1) + left + 1) * (width + 1) + top + 1
 
 
+def _quantized(rows: np.ndarray) -> np.ndarray:
+    """The model's ``rows`` as int64 in 16 bits: ``round(2**16 p)`` (half to even), at least 1 where ``p > 0``."""
+    return np.where(rows > 0, np.maximum(np.round(rows * _PRIOR_ONE), 1.0), 0.0).astype(np.int64)
+
+
 def _adaptive_rows(rows: np.ndarray, counts: np.ndarray, beta: int) -> np.ndarray:
-    """``[S, width]`` float64 rows mixing the model's ``rows`` (quantized to 16 bits) with the image's ``counts``
+    """``[S, width]`` float64 rows mixing the model's ``rows`` (:func:`_quantized`) with the image's ``counts``
     (int64, same shape); integers below 2**53 until the one division."""
-    q = np.where(rows > 0, np.maximum(np.round(rows * _PRIOR_ONE), 1.0), 0.0).astype(np.int64)
-    num = (counts * _PRIOR_ONE + beta * q).astype(np.float64)
+    num = (counts * _PRIOR_ONE + beta * _quantized(rows)).astype(np.float64)
     return num / num.sum(1, keepdims=True)
 
 
@@ -196,9 +203,13 @@ class _EarlierCounts:
 
 
 def _choose_beta(rows: np.ndarray, counts: np.ndarray, symbol: np.ndarray) -> int:
-    """The :data:`_BETAS` value giving ``symbol`` (coded under ``rows`` and ``counts``) the shortest code."""
+    """The :data:`_BETAS` value giving ``symbol`` (coded under ``rows`` and ``counts``) the shortest code
+    (:func:`_adaptive_rows`' probability of each symbol, without building its rows per value)."""
     at = np.arange(symbol.size)
-    bits = [-np.log2(_adaptive_rows(rows, counts, beta)[at, symbol]).sum() for beta in _BETAS]
+    q = _quantized(rows)
+    q_sym, q_all = q[at, symbol].astype(np.float64), q.sum(1).astype(np.float64)
+    n_sym, n_all = counts[at, symbol] * float(_PRIOR_ONE), counts.sum(1) * float(_PRIOR_ONE)
+    bits = [-np.log2((n_sym + beta * q_sym) / (n_all + beta * q_all)).sum() for beta in _BETAS]
     return int(_BETAS[int(np.argmin(bits))])
 
 
@@ -254,7 +265,7 @@ def encode_context(codec: CodecTables, layer: int, leaves: np.ndarray, batch_sha
     width, block = _row_blocks(codec, layer)
     header = bytes(factors)
     if adaptive:
-        ctx = _context_ids(codec, layer, start, left, top, width)
+        ctx = _context_ids(_group_ranks(codec, layer), start, left, top, width)
         diagonal = (order // grid[1]) % grid[0] + order % grid[1]
         earlier = _EarlierCounts(ctx, sym, diagonal, width)
         fit = np.linspace(0, sym.size - 1, min(sym.size, _FIT_SYMBOLS)).astype(np.intp)
@@ -328,15 +339,17 @@ def decode_context(
     order, starts = _coding_order(active, grid)
     width, block = _row_blocks(codec, layer)
     if adaptive:
-        counts = np.zeros(int((codec.group_size[layer] > 0).sum()) * (width + 1) ** 2 * width, dtype=np.int64)
+        rank = _group_ranks(codec, layer)
+        counts = np.zeros(int(rank[-1] + 1) * (width + 1) ** 2 * width, dtype=np.int64)
     for diagonal in np.split(order, starts):  # one round per anti-diagonal: its neighbours are all decoded
+        seen = []
         for b in range(0, diagonal.size, block):
             pos = diagonal[b : b + block]
             left, top = _neighbour_symbols(symbol, state, pos, grid)
             start = state[pos]
             rows = _rows(codec, layer, start, left, top, factors, width)
             if adaptive:
-                key = _context_ids(codec, layer, start, left, top, width) * width
+                key = _context_ids(rank, start, left, top, width) * width
                 rows = _adaptive_rows(rows, counts[key[:, None] + np.arange(width)], beta)
             try:
                 sym = coder.decode(model, rows)
@@ -350,10 +363,10 @@ def decode_context(
                     f"{what}: invalid symbol {int(sym[i])} of vector {int(pos[i])}: its group has {int(size[i])} nodes"
                 )
             symbol[pos] = sym
+            if adaptive:
+                seen.append(key + sym)
         if adaptive:  # the diagonal's symbols count from the next diagonal on (as the encoder counts them)
-            left, top = _neighbour_symbols(symbol, state, diagonal, grid)
-            key = _context_ids(codec, layer, state[diagonal], left, top, width) * width + symbol[diagonal]
-            np.add.at(counts, key, 1)
+            np.add.at(counts, np.concatenate(seen), 1)
     if not coder.is_empty():
         raise BitstreamError(f"{what}: context-coded payload not consumed exactly (corrupt or truncated data)")
     start = state[active]

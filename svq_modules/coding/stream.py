@@ -144,7 +144,7 @@ def compress_layers(
             more than ``context.MAX_DIAGONALS`` anti-diagonals is entropy
             coded instead). ``"adaptive"``: the same, its probabilities also
             learning from the layer's earlier symbols; a layer is context
-            coded where that is smaller or its table of counts would exceed
+            coded where that is no larger or its table of counts would exceed
             ``context.MAX_ADAPTIVE_ENTRIES``. With a coding other than
             ``"raw"`` a layer whose coded payload would be larger than its raw
             payload is written raw (its header says so).
