@@ -203,7 +203,37 @@ def test_info_json(files, capsys):
     assert info["latent_grid"] == [10, 14] and info["patch_size"] == 4 and info["padding"] == "edge"
     rc, text, _ = run(capsys, "info", d / "odd.svq")
     assert rc == 0 and f"37x53 RGB image, {LAYERS} layers" in text
-    assert set(info["coding"]) <= {"adaptive", "raw"} and "adaptive" in info["coding"]  # the default for images
+    # the default for images: adaptive, each layer kept context coded where that is no larger, raw where smaller
+    assert set(info["coding"]) <= {"adaptive", "context", "raw"}
+    explicit = d / "odd_adaptive.svq"
+    assert run_quiet("compress", d / "odd.png", "--model", d / "model.ckpt", "-o", explicit, "--coding", "adaptive") == 0
+    assert explicit.read_bytes() == (d / "odd.svq").read_bytes()
+
+
+def test_adaptive_image_file(files, capsys, tmp_path):
+    """An image of 8x8 blocks in 3 colours (statistics the model never saw): adaptive layers, a smaller file
+    than context coding of the same codewords (the same pixels), and a file cut after each layer decodes as
+    ``--layers`` of the whole file."""
+    d = files
+    rng = np.random.default_rng(7)
+    colours = rng.integers(0, 256, size=(3, 3))
+    image = colours[rng.integers(0, 3, size=(12, 20))].repeat(8, 0).repeat(8, 1).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "blocks.png")
+    files_made = {}
+    for coding in ("adaptive", "context"):
+        files_made[coding] = tmp_path / f"{coding}.svq"
+        assert run_quiet("compress", tmp_path / "blocks.png", "--model", d / "model.ckpt", "-o", files_made[coding],
+                         "--coding", coding) == 0  # fmt: skip
+    info = info_json(capsys, files_made["adaptive"])
+    assert "adaptive" in info["coding"], info["coding"]
+    assert info["bytes"] < info_json(capsys, files_made["context"])["bytes"]
+    full = decode(capsys, d, files_made["adaptive"], tmp_path / "a.png")
+    assert np.array_equal(full, decode(capsys, d, files_made["context"], tmp_path / "c.png"))
+    data = files_made["adaptive"].read_bytes()
+    for layer, end in enumerate(info["layer_end"]):
+        (tmp_path / "cut.svq").write_bytes(data[:end])
+        cut = decode(capsys, d, tmp_path / "cut.svq", tmp_path / "cut.png")
+        assert np.array_equal(cut, decode(capsys, d, files_made["adaptive"], tmp_path / "l.png", "--layers", layer + 1))
 
 
 def test_coding_option(files, capsys, tmp_path):
