@@ -20,10 +20,14 @@ def gaussian_codes():
 
 @pytest.fixture
 def adaptive_only(monkeypatch):
-    """Make ``coding="adaptive"`` keep every layer adaptive (it keeps context coding where that is smaller, which
-    on these small grids would leave the adaptive decoder untested). Not for ``coding="context"``."""
+    """Make ``coding="adaptive"`` keep every layer adaptive where it fits (it keeps context coding where that is no
+    larger, which on these small grids would leave the adaptive decoder untested). Not for ``coding="context"``."""
+    import svq_modules.coding.context as context
     import svq_modules.coding.stream as stream
 
-    encode = stream.encode_context
-    monkeypatch.setattr(stream, "encode_context", lambda *a, adaptive=False: encode(*a, adaptive=True) + bytes(
-        0 if adaptive else 1 << 20))
+    def always_adaptive(codec, layer, leaves, batch_shape, adaptive):
+        if adaptive and context.adaptive_fits(codec, layer):
+            return "adaptive", context.encode_context(codec, layer, leaves, batch_shape, adaptive=True)
+        return context.encode_grid_layer(codec, layer, leaves, batch_shape, adaptive)
+
+    monkeypatch.setattr(stream, "encode_grid_layer", always_adaptive)

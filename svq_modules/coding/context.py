@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,6 +67,7 @@ __all__ = [
     "context_fits",
     "decode_context",
     "encode_context",
+    "encode_grid_layer",
     "grid_of",
 ]
 
@@ -107,13 +109,14 @@ def context_fits(batch_shape: Sequence[int]) -> bool:
     return h + w - 1 <= MAX_DIAGONALS
 
 
-def _coding_order(active: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Active vectors in coding order (by anti-diagonal, then vector order) and where each diagonal starts."""
+def _coding_order(active: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Active vectors in coding order (by anti-diagonal, then vector order), where each diagonal starts, and
+    each one's anti-diagonal ``i + j`` (in that order)."""
     h, w = grid
     diagonal = (active // w) % h + active % w
     order = np.argsort(diagonal, kind="stable")
     starts = np.flatnonzero(np.diff(diagonal[order])) + 1
-    return active[order], starts
+    return active[order], starts, diagonal[order]
 
 
 def _neighbour_symbols(
@@ -157,12 +160,17 @@ def _rows(
     return w / w.sum(1, keepdims=True)
 
 
-def adaptive_fits(codec: CodecTables, layer: int) -> bool:
-    """Whether ``layer`` can be coded adaptively: its table of counts (one row of ``G`` symbols per node with a
-    group and left / upper neighbour symbol, ``G`` the layer's largest group) has at most
-    :data:`MAX_ADAPTIVE_ENTRIES` entries."""
+def _table_entries(codec: CodecTables, layer: int) -> int:
+    """Entries of ``layer``'s table of adaptive counts: one row of ``G`` symbols per node with a group and left /
+    upper neighbour symbol (``G`` the layer's largest group)."""
     width = int(codec.group_size[layer].max())
-    return int((codec.group_size[layer] > 0).sum()) * (width + 1) ** 2 * width <= MAX_ADAPTIVE_ENTRIES
+    return int((codec.group_size[layer] > 0).sum()) * (width + 1) ** 2 * width
+
+
+def adaptive_fits(codec: CodecTables, layer: int) -> bool:
+    """Whether ``layer`` can be coded adaptively: its table of counts has at most :data:`MAX_ADAPTIVE_ENTRIES`
+    entries."""
+    return _table_entries(codec, layer) <= MAX_ADAPTIVE_ENTRIES
 
 
 def _group_ranks(codec: CodecTables, layer: int) -> np.ndarray:
@@ -239,6 +247,56 @@ def _choose_factors(
     return best
 
 
+class _LayerSymbols(NamedTuple):
+    """What both context encoders of a layer need, in coding order: the vectors, their anti-diagonals, their left /
+    upper neighbours' symbols, the nodes they sit on, their symbols, and the neighbour factors chosen for them."""
+
+    order: np.ndarray
+    diagonal: np.ndarray
+    left: np.ndarray
+    top: np.ndarray
+    start: np.ndarray
+    symbol: np.ndarray
+    factors: tuple[int, int]
+
+
+def _layer_symbols(codec: CodecTables, layer: int, leaves: np.ndarray, grid: tuple[int, int]) -> _LayerSymbols | None:
+    """The :class:`_LayerSymbols` of ``leaves`` (``[N]`` intp, vector order) in ``layer``; None when no vector sends
+    a symbol."""
+    symbol = codec.leaf_symbol[layer][leaves]
+    node = codec.start_of_leaf(layer)[leaves]
+    active = np.flatnonzero(symbol >= 0)
+    if active.size == 0:
+        return None
+    order, _, diagonal = _coding_order(active, grid)
+    left, top = _neighbour_symbols(symbol, node, order, grid)
+    start, sym = node[order], symbol[order]
+    return _LayerSymbols(order, diagonal, left, top, start, sym, _choose_factors(codec, layer, start, sym, left, top))
+
+
+def _payload(codec: CodecTables, layer: int, s: _LayerSymbols, adaptive: bool) -> bytes:
+    """The context-coded (``adaptive``: adaptive) payload of a layer's :class:`_LayerSymbols`."""
+    import constriction
+
+    width, block = _row_blocks(codec, layer)
+    header = bytes(s.factors)
+    if adaptive:
+        ctx = _context_ids(_group_ranks(codec, layer), s.start, s.left, s.top, width)
+        earlier = _EarlierCounts(ctx, s.symbol, s.diagonal, width)
+        fit = np.linspace(0, s.symbol.size - 1, min(s.symbol.size, _FIT_SYMBOLS)).astype(np.intp)
+        beta = _choose_beta(_rows(codec, layer, s.start[fit], s.left[fit], s.top[fit], s.factors, width),
+                            earlier(ctx[fit], s.diagonal[fit]), s.symbol[fit])
+        header += bytes([beta])
+    model, coder = categorical_model(), constriction.stream.stack.AnsCoder()
+    for b in reversed(range(0, s.order.size, block)):  # ANS is a stack: the last block first
+        at = slice(b, b + block)
+        rows = _rows(codec, layer, s.start[at], s.left[at], s.top[at], s.factors, width)
+        if adaptive:
+            rows = _adaptive_rows(rows, earlier(ctx[at], s.diagonal[at]), beta)
+        coder.encode_reverse(s.symbol[at].astype(np.int32), model, rows)
+    return header + coder.get_compressed().astype("<u4", copy=False).tobytes()
+
+
 def encode_context(codec: CodecTables, layer: int, leaves: np.ndarray, batch_shape: Sequence[int], *,
                    adaptive: bool = False) -> bytes:
     """Context-coded payload of a layer: two factor bytes (adaptive: and ``beta``), then the ANS words (empty when
@@ -250,36 +308,24 @@ def encode_context(codec: CodecTables, layer: int, leaves: np.ndarray, batch_sha
         adaptive: also adapt to the counts of this layer's earlier symbols (the layer must
             :func:`fit <adaptive_fits>`).
     """
-    import constriction
+    s = _layer_symbols(codec, layer, leaves, grid_of(batch_shape))
+    return b"" if s is None else _payload(codec, layer, s, adaptive)
 
-    grid = grid_of(batch_shape)
-    symbol = codec.leaf_symbol[layer][leaves]
-    node = codec.start_of_leaf(layer)[leaves]
-    active = np.flatnonzero(symbol >= 0)
-    if active.size == 0:
-        return b""
-    order, _ = _coding_order(active, grid)
-    left, top = _neighbour_symbols(symbol, node, order, grid)
-    start, sym = node[order], symbol[order]
-    factors = _choose_factors(codec, layer, start, sym, left, top)
-    width, block = _row_blocks(codec, layer)
-    header = bytes(factors)
-    if adaptive:
-        ctx = _context_ids(_group_ranks(codec, layer), start, left, top, width)
-        diagonal = (order // grid[1]) % grid[0] + order % grid[1]
-        earlier = _EarlierCounts(ctx, sym, diagonal, width)
-        fit = np.linspace(0, sym.size - 1, min(sym.size, _FIT_SYMBOLS)).astype(np.intp)
-        beta = _choose_beta(_rows(codec, layer, start[fit], left[fit], top[fit], factors, width),
-                            earlier(ctx[fit], diagonal[fit]), sym[fit])
-        header += bytes([beta])
-    model, coder = categorical_model(), constriction.stream.stack.AnsCoder()
-    for b in reversed(range(0, order.size, block)):  # ANS is a stack: the last block first
-        s = slice(b, b + block)
-        rows = _rows(codec, layer, start[s], left[s], top[s], factors, width)
-        if adaptive:
-            rows = _adaptive_rows(rows, earlier(ctx[s], diagonal[s]), beta)
-        coder.encode_reverse(sym[s].astype(np.int32), model, rows)
-    return header + coder.get_compressed().astype("<u4", copy=False).tobytes()
+
+def encode_grid_layer(codec: CodecTables, layer: int, leaves: np.ndarray, batch_shape: Sequence[int],
+                      adaptive: bool) -> tuple[str, bytes]:
+    """``(coding, payload)`` of a layer: context coded, or with ``adaptive`` the smaller of that and the adaptive
+    payload where the layer :func:`fits <adaptive_fits>` (a tie: context); one preparation for both.
+    Arguments as for :func:`encode_context`."""
+    s = _layer_symbols(codec, layer, leaves, grid_of(batch_shape))
+    if s is None:
+        return "context", b""
+    payload = _payload(codec, layer, s, adaptive=False)
+    if adaptive and adaptive_fits(codec, layer):
+        candidate = _payload(codec, layer, s, adaptive=True)
+        if len(candidate) < len(payload):
+            return "adaptive", candidate
+    return "context", payload
 
 
 def decode_context(
@@ -336,11 +382,11 @@ def decode_context(
         raise BitstreamError(f"{what}: invalid context-coded payload ({e})") from None
     model = categorical_model()
     symbol = np.full(state.shape[0], -1, dtype=np.int64)
-    order, starts = _coding_order(active, grid)
+    order, starts, _ = _coding_order(active, grid)
     width, block = _row_blocks(codec, layer)
     if adaptive:
         rank = _group_ranks(codec, layer)
-        counts = np.zeros(int(rank[-1] + 1) * (width + 1) ** 2 * width, dtype=np.int64)
+        counts = np.zeros(_table_entries(codec, layer), dtype=np.int64)
     for diagonal in np.split(order, starts):  # one round per anti-diagonal: its neighbours are all decoded
         seen = []
         for b in range(0, diagonal.size, block):

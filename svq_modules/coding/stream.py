@@ -43,7 +43,7 @@ from .chunk import (
     pack_chunk,
     parse_chunk,
 )
-from .context import adaptive_fits, context_fits, decode_context, encode_context
+from .context import context_fits, decode_context, encode_grid_layer
 from .embedded import codec_from_embedded, embed_section
 from .payload import decode_entropy, decode_raw, encode_entropy, encode_raw, raw_payload_size
 from .tables import CodecTables, check_model, codec_tables, to_numpy
@@ -183,12 +183,8 @@ def compress_layers(
         if layer_coding_asked == "entropy":
             step = step_arg or codec.auto_step(layer)
             payload = encode_entropy(codec, layer, step, leaves)
-        elif layer_coding_asked in GRID_CODINGS:
-            payload, coded = encode_context(codec, layer, idx, shape), "context"
-            if layer_coding_asked == "adaptive" and adaptive_fits(codec, layer):
-                adaptive = encode_context(codec, layer, idx, shape, adaptive=True)
-                if len(adaptive) < len(payload):  # never larger than context coding
-                    payload, coded = adaptive, "adaptive"
+        elif layer_coding_asked in GRID_CODINGS:  # adaptive: never larger than context coding
+            coded, payload = encode_grid_layer(codec, layer, idx, shape, adaptive=layer_coding_asked == "adaptive")
         if layer_coding_asked != "raw" and len(payload) <= raw_payload_size(codec, layer, leaves):
             layer_coding = coded
         else:  # never larger than raw: this layer goes raw
