@@ -84,6 +84,11 @@ def field_value(chunk: bytes, name: str):
     return struct.unpack_from("<" + fmt, chunk, off)[0]
 
 
+def _payload(chunk: bytes) -> bytes:
+    """The payload of a chunk (between its sections and its CRC)."""
+    return chunk[-4 - read_header(chunk).payload_len : -4]
+
+
 def with_section(chunk: bytes, embed: bytes | None = None, payload: bytes | None = None) -> bytes:
     """Chunk with its embedded section and/or payload replaced, lengths and CRC fixed."""
     h = read_header(chunk)
@@ -781,7 +786,7 @@ def test_context_coding_errors(model, entropy_only):
     chunks = compress_layers(h, t, grid, coding="context")
     assert all(read_header(c).coding == "context" for c in chunks)
     i = 1
-    payload = chunks[i][-4 - read_header(chunks[i]).payload_len : -4]
+    payload = _payload(chunks[i])
     bad = {
         "factor": bytes([0]) + payload[1:],
         "words": payload[:-1],
@@ -819,10 +824,6 @@ def test_context_coding_of_a_long_thin_grid_falls_back_to_entropy(model, monkeyp
 
 
 # ------------------------------------------------------------------------------------ adaptive context coding
-
-
-def _payload(chunk: bytes) -> bytes:
-    return chunk[-4 - read_header(chunk).payload_len : -4]
 
 
 def test_adaptive_coding_learns_what_the_model_does_not_know(model, entropy_only):
